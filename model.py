@@ -1,0 +1,616 @@
+"""
+A compact GPT (Pythia / GPT-NeoX layout) with Distance-Adaptive Representation (DAR)
+attention, after arXiv 2606.18587. This file is *our reading* of the paper, not its code.
+
+Per head (head dim d, latent rank r, window W), with q, k, v after the rotary embedding:
+
+    local   j in L(i) = { 0 <= i - j < W }:  score q_i . k_j,           value v_j
+    distant j in D(i) = { i - j >= W }:      score (q_i U^T) . a_j,     value (sum_j p_ij b_j) V
+    where a_j = k_j A and b_j = v_j C are r-dim latents (A, C: d x r down, U, V: r x d up),
+    and one softmax runs over L(i) u D(i).
+
+A distant token is only ever read as its latent (a_j, b_j): 2r numbers per head instead of 2d.
+The up maps are applied to the query and to the weighted latent sum, once per query, never
+per cached token; that is what makes the KV-cache saving real.
+
+Regimes are settings of the same block:
+    full        dar_window None (or >= block_size)     standard causal attention
+    dar         0 < dar_window < block_size, dar_rank r  the method
+    uniform     dar_window 0, dar_rank r                 every position reduced (negative control)
+    local       dar_rank 0                               sliding window, distant tokens dropped
+
+Attention paths (attn_impl), all exact and interchangeable on one state_dict:
+    sdpa    one scaled_dot_product_attention call (distant keys materialised in d dims)
+    fused   pure PyTorch, blockwise, no T x T matrix, flash-style recomputing backward
+    naive   the masked score matrix, written out; the ground truth for the tests
+"""
+
+import inspect
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+ATTN_IMPLS = ('auto', 'sdpa', 'fused', 'naive')
+
+# Model shapes. The Pythia ones follow EleutherAI's configs (50,304 = GPT-NeoX's padded vocab).
+PRESETS = {
+    'tiny': dict(n_layer=4, n_head=4, n_embd=128, block_size=512, vocab_size=8192),
+    'pythia-70m': dict(n_layer=6, n_head=8, n_embd=512, block_size=2048, vocab_size=50304),
+    'pythia-160m': dict(n_layer=12, n_head=12, n_embd=768, block_size=2048, vocab_size=50304),
+    'pythia-410m': dict(n_layer=24, n_head=16, n_embd=1024, block_size=2048, vocab_size=50304),
+}
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 512
+    vocab_size: int = 8192
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    dar_window: Optional[int] = None  # W; None or >= block_size: full attention
+    dar_rank: Optional[int] = None  # r per head; None: head_dim // 4; 0: local-only
+    attn_impl: str = 'auto'
+    rotary_pct: float = 0.25  # fraction of each head's dims that get the rotary embedding
+    rotary_base: float = 10000.0
+    parallel_residual: bool = True  # GPT-NeoX: x + attn(ln1(x)) + mlp(ln2(x))
+    tie_embeddings: bool = False
+    bias: bool = True
+    dropout: float = 0.0
+
+    def __post_init__(self):
+        for name in ('block_size', 'vocab_size', 'n_layer', 'n_head', 'n_embd'):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if self.attn_impl not in ATTN_IMPLS:
+            raise ValueError(f"attn_impl must be one of {ATTN_IMPLS}, got {self.attn_impl!r}")
+        if not 0.0 <= self.rotary_pct <= 1.0:
+            raise ValueError(f"rotary_pct must be in [0, 1], got {self.rotary_pct}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.dar_window is not None and self.dar_window < 0:
+            raise ValueError(f"dar_window must be None (full attention) or >= 0, got {self.dar_window}")
+        if self.dar_rank is None:
+            self.dar_rank = self.head_dim // 4
+        if not 0 <= self.dar_rank <= self.head_dim:
+            raise ValueError(f"dar_rank must be in [0, head_dim={self.head_dim}], got {self.dar_rank}")
+        if self.dar_window == 0 and self.dar_rank == 0:
+            raise ValueError("dar_window=0 with dar_rank=0 leaves no key to attend to; "
+                             "set dar_rank > 0 (uniform reduction) or dar_window > 0 (local-only)")
+
+    @classmethod
+    def from_preset(cls, name, **overrides):
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+    @property
+    def head_dim(self):
+        return self.n_embd // self.n_head
+
+    @property
+    def regime(self):
+        if self.dar_window is None or self.dar_window >= self.block_size:
+            return 'full'
+        if self.dar_rank == 0:
+            return 'local'
+        return 'uniform' if self.dar_window == 0 else 'dar'
+
+    @property
+    def window(self):
+        """The attention window, None when unbounded (full attention)."""
+        return None if self.regime == 'full' else self.dar_window
+
+    @property
+    def has_latents(self):
+        return self.regime in ('dar', 'uniform')
+
+
+# ----------------------------------------------------------------------------------------------
+# Attention: three exact paths over the same math.
+# q, k, v: (B, H, T, d) after rotary. maps: (down_k, up_k, down_v, up_v) with shapes
+# (H, d, r), (H, r, d), (H, d, r), (H, r, d), or None when there are no latents.
+# window: W, or None for unbounded.
+
+
+def _distance(n_q, n_k, q_start, device):
+    """i - j for queries at q_start + arange(n_q) and keys at arange(n_k)."""
+    i = torch.arange(q_start, q_start + n_q, device=device)
+    return i[:, None] - torch.arange(n_k, device=device)[None, :]
+
+
+def naive_attention(q, k, v, window, maps):
+    d, T = q.shape[-1], q.shape[-2]
+    dist = _distance(T, T, 0, q.device)
+    local = (dist >= 0) & (dist < window) if window is not None else dist >= 0
+    scores = (q @ k.transpose(-2, -1)) / math.sqrt(d)
+    if maps is not None and window is not None:
+        down_k, up_k, down_v, up_v = maps
+        far = dist >= window
+        k_far, v_far = k @ down_k @ up_k, v @ down_v @ up_v
+        scores = torch.where(far, (q @ k_far.transpose(-2, -1)) / math.sqrt(d), scores)
+    else:
+        far = torch.zeros_like(local)
+    p = torch.softmax(scores.float().masked_fill(~(local | far), float('-inf')), dim=-1).to(q.dtype)
+    out = (p * local) @ v
+    return out + (p * far) @ v_far if far.any() else out
+
+
+def sdpa_attention(q, k, v, window, maps):
+    T = q.shape[-2]
+    if window is None or window >= T:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    if maps is None:  # local-only: a banded mask
+        dist = _distance(T, T, 0, q.device)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=(dist >= 0) & (dist < window))
+    down_k, up_k, down_v, up_v = maps
+    k_far, v_far = k @ down_k @ up_k, v @ down_v @ up_v
+    if window == 0:  # uniform: every key is distant
+        return F.scaled_dot_product_attention(q, k_far, v_far, is_causal=True)
+    # One softmax over 2T keys: the full-dim copy is visible inside the window, the
+    # reconstructed copy outside it.
+    dist = _distance(T, T, 0, q.device)
+    mask = torch.cat([(dist >= 0) & (dist < window), dist >= window], dim=-1)
+    return F.scaled_dot_product_attention(
+        q, torch.cat([k, k_far], dim=-2), torch.cat([v, v_far], dim=-2), attn_mask=mask)
+
+
+def _masked_scores(q, keys, mask):
+    s = (q @ keys.transpose(-2, -1)).float()
+    return s if mask is None else s.masked_fill_(~mask, float('-inf'))
+
+
+def _block_keys(s, e, q_start, window, device, ring_pos=None):
+    """What the block [s, e) of the new tokens reads, and which pairs are allowed.
+    Positions are absolute (new token t sits at q_start + t); a mask is None where every pair
+    is allowed, which is always so for a single query (the decode step).
+    Returns ls (band = new tokens [ls, e) in full dims), de (latents = positions [0, de)),
+    and the ring, band and latent masks."""
+    n = e - s
+    ls = 0 if window is None else max(0, s - window + 1)
+    de = 0 if window is None else max(0, q_start + e - window)
+    ring_mask = band_mask = latent_mask = None
+    if n > 1:
+        dist = _distance(n, e - ls, s - ls, device)
+        band_mask = dist >= 0 if window is None else (dist >= 0) & (dist < window)
+        if de:
+            latent_mask = _distance(n, de, q_start + s, device) >= window
+    if ring_pos is not None and window is not None:
+        qpos = torch.arange(q_start + s, q_start + e, device=device)
+        ring_mask = (qpos[:, None] - ring_pos[None, :]) < window
+    return ls, de, ring_mask, band_mask, latent_mask
+
+
+def dar_forward(q, k, v, a, b, up_k, up_v, window, block=128, q_start=0, ring=None):
+    """Blockwise exact DAR attention with one online softmax; never builds a T x T matrix.
+
+    q, k, v: the new tokens (B, H, n, d) at positions q_start + arange(n).
+    a, b:    latents (B, H, >= de, r) of the positions [0, de) that are distant to some query,
+             or None (no latents: full or local-only).
+    ring:    optional (k, v, pos) of older tokens still kept in full dims (the KV cache's ring).
+    Returns (out, lse) with lse the log-sum-exp per query, in float32.
+    """
+    n, scale = q.shape[-2], 1.0 / math.sqrt(q.shape[-1])
+    q = q * scale
+    out = torch.empty_like(q)
+    lse = q.new_empty(q.shape[:-1], dtype=torch.float32)
+    for s in range(0, n, block):
+        e = min(s + block, n)
+        ls, de, ring_mask, band_mask, latent_mask = _block_keys(
+            s, e, q_start, window, q.device, ring[2] if ring is not None else None)
+        qb = q[..., s:e, :]
+        local = []  # (scores, values) of keys read in full dims
+        if ring is not None and ring[0].shape[-2]:
+            local.append((_masked_scores(qb, ring[0], ring_mask), ring[1]))
+        if window != 0:
+            local.append((_masked_scores(qb, k[..., ls:e, :], band_mask), v[..., ls:e, :]))
+        latent = None
+        if a is not None and de:
+            latent = (_masked_scores(qb @ up_k.transpose(-2, -1), a[..., :de, :], latent_mask),
+                      b[..., :de, :])
+        pieces = local + ([latent] if latent else [])
+        # The max over all pieces is finite: every query sees itself, in the band or as a latent.
+        m = torch.stack([sc.amax(-1) for sc, _ in pieces]).amax(0)[..., None]
+        total = sum(sc.sub_(m).exp_().sum(-1, keepdim=True) for sc, _ in pieces)  # scores -> p
+        acc = sum((p.to(val.dtype) @ val).float() for p, val in local)
+        if latent:
+            acc = acc + ((latent[0].to(b.dtype) @ latent[1]) @ up_v).float()
+        out[..., s:e, :] = (acc / total).to(q.dtype)
+        lse[..., s:e] = (m + total.log()).squeeze(-1)
+    return out, lse
+
+
+class FusedDARAttention(torch.autograd.Function):
+    """dar_forward with a flash-style backward: only out and the log-sum-exp are saved, and each
+    block's probabilities are recomputed from them, so memory grows linearly in T."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, a, b, up_k, up_v, window, block):
+        out, lse = dar_forward(q, k, v, a, b, up_k, up_v, window, block)
+        ctx.save_for_backward(q, k, v, a, b, up_k, up_v, out, lse)
+        ctx.window, ctx.block = window, block
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, a, b, up_k, up_v, out, lse = ctx.saved_tensors
+        window, block = ctx.window, ctx.block
+        n, scale = q.shape[-2], 1.0 / math.sqrt(q.shape[-1])
+        qs = q * scale
+        grads = [None if t is None else torch.zeros_like(t, dtype=torch.float32)
+                 for t in (q, k, v, a, b, up_k, up_v)]
+        dq, dk, dv, da, db, dup_k, dup_v = grads
+        delta = (dout.float() * out.float()).sum(-1, keepdim=True)  # rowsum(dO * O)
+        for s in range(0, n, block):
+            e = min(s + block, n)
+            ls, de, _, band_mask, latent_mask = _block_keys(s, e, 0, window, q.device)
+            qb, dob = qs[..., s:e, :], dout[..., s:e, :]
+            lse_b, delta_b = lse[..., s:e, None], delta[..., s:e, :]
+            dqb = 0  # gradient of the scaled query block
+            if window != 0:
+                kb, vb = k[..., ls:e, :], v[..., ls:e, :]
+                p = _masked_scores(qb, kb, band_mask).sub_(lse_b).exp_()
+                dv[..., ls:e, :] += p.to(dob.dtype).transpose(-2, -1) @ dob
+                ds = p.mul_((dob @ vb.transpose(-2, -1)).float() - delta_b).to(q.dtype)
+                dqb = dqb + (ds @ kb).float()
+                dk[..., ls:e, :] += ds.transpose(-2, -1) @ qb
+            if a is not None and de:
+                ab, bb = a[..., :de, :], b[..., :de, :]
+                qa = qb @ up_k.transpose(-2, -1)
+                p = _masked_scores(qa, ab, latent_mask).sub_(lse_b).exp_()
+                pl = p.to(bb.dtype)
+                dup_v += ((pl @ bb).transpose(-2, -1) @ dob).float().sum(0)
+                dlat = dob @ up_v.transpose(-2, -1)  # gradient of the weighted latent sum
+                db[..., :de, :] += pl.transpose(-2, -1) @ dlat
+                ds = p.mul_((dlat @ bb.transpose(-2, -1)).float() - delta_b).to(q.dtype)
+                dqa = ds @ ab
+                da[..., :de, :] += ds.transpose(-2, -1) @ qa
+                dqb = dqb + (dqa @ up_k).float()
+                dup_k += (dqa.transpose(-2, -1) @ qb).float().sum(0)
+            dq[..., s:e, :] = dqb * scale
+        inputs = (q, k, v, a, b, up_k, up_v)
+        return (*(None if g is None else g.to(t.dtype) for g, t in zip(grads, inputs)), None, None)
+
+
+# Query block of the fused path. On the 2-core CPU (pythia-70m shape, T=4096, bench.py) 128
+# and 256 ran within a few percent of each other; 128 halves the per-block scratch memory.
+FUSED_BLOCK = 128
+
+
+def fused_attention(q, k, v, window, maps, block=None):
+    block = block or FUSED_BLOCK
+    a = b = up_k = up_v = None
+    T = q.shape[-2]
+    if maps is not None and window is not None and T > window:
+        down_k, up_k, down_v, up_v = maps
+        # Only positions [0, T - W) are ever distant to some query; the rest need no latent.
+        a, b = k[..., :T - window, :] @ down_k, v[..., :T - window, :] @ down_v
+    return FusedDARAttention.apply(q, k, v, a, b, up_k, up_v, window, block)
+
+
+ATTENTION = {'naive': naive_attention, 'sdpa': sdpa_attention, 'fused': fused_attention}
+
+
+def resolve_attn_impl(config, T, device):
+    """The path 'auto' stands for. Figures: bench.py, see README."""
+    if config.attn_impl != 'auto':
+        return config.attn_impl
+    if config.regime == 'full':
+        return 'sdpa'  # PyTorch's fused causal kernel; nothing to gain
+    return 'fused'
+
+
+# ----------------------------------------------------------------------------------------------
+# The model
+
+
+def rotary_cos_sin(positions, rot_dim, base):
+    inv_freq = 1.0 / (base ** (torch.arange(0, rot_dim, 2, device=positions.device).float() / rot_dim))
+    freqs = positions.float()[:, None] * inv_freq[None, :]
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def apply_rotary(x, cos, sin):
+    """GPT-NeoX rotary on the first cos.shape[-1] dims of each head; the rest pass through."""
+    rot = cos.shape[-1]
+    x_rot, x_pass = x[..., :rot], x[..., rot:]
+    x1, x2 = x_rot.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return torch.cat([(x_rot * cos + rotated * sin).to(x.dtype), x_pass], dim=-1)
+
+
+class DARAttention(nn.Module):
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.config, self.layer_idx = config, layer_idx
+        self.n_head, self.head_dim = config.n_head, config.head_dim
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        if config.has_latents:
+            H, d, r = config.n_head, config.head_dim, config.dar_rank
+            self.down_k = nn.Parameter(torch.empty(H, d, r))
+            self.up_k = nn.Parameter(torch.empty(H, r, d))
+            self.down_v = nn.Parameter(torch.empty(H, d, r))
+            self.up_v = nn.Parameter(torch.empty(H, r, d))
+
+    def latent_maps(self):
+        return (self.down_k, self.up_k, self.down_v, self.up_v) if self.config.has_latents else None
+
+    def forward(self, x, cos, sin, cache=None):
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            y = cache.attend(self.layer_idx, q, k, v, self.latent_maps())
+        else:
+            impl = resolve_attn_impl(self.config, T, x.device)
+            y = ATTENTION[impl](q, k, v, self.config.window, self.latent_maps())
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+
+    def forward(self, x):
+        return self.c_proj(F.gelu(self.c_fc(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.parallel_residual = config.parallel_residual
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = DARAttention(config, layer_idx)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, cos, sin, cache=None):
+        attn = self.dropout(self.attn(self.ln_1(x), cos, sin, cache))
+        if self.parallel_residual:
+            return x + attn + self.dropout(self.mlp(self.ln_2(x)))
+        x = x + attn
+        return x + self.dropout(self.mlp(self.ln_2(x)))
+
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.rot_dim = int(config.head_dim * config.rotary_pct) // 2 * 2
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.transformer.wte.weight
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():
+            if name.endswith('c_proj.weight'):  # GPT-2's scaled init of residual projections
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        for block in self.transformer.h:
+            maps = block.attn.latent_maps()
+            if maps is not None:
+                down_k, up_k, down_v, up_v = maps
+                # Orthonormal down map and its transpose as the up map: at step 0 a distant key
+                # is the orthogonal projection of the full key onto an r-dim subspace.
+                for down, up in ((down_k, up_k), (down_v, up_v)):
+                    with torch.no_grad():
+                        down.copy_(torch.linalg.qr(torch.randn(down.shape))[0])
+                        up.copy_(down.transpose(-2, -1))
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def get_num_params(self, non_embedding=True):
+        """Parameters; non_embedding leaves out the token embedding and the output layer, as
+        Pythia's published counts do."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.transformer.wte.weight.numel()
+            if not self.config.tie_embeddings:
+                n -= self.lm_head.weight.numel()
+        return n
+
+    def hidden_states(self, idx, cache=None):
+        """The final-layer-normed states of idx; with a cache, idx continues its sequence."""
+        B, T = idx.shape
+        start = 0
+        if cache is None:
+            if T > self.config.block_size:
+                raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}; "
+                                 "crop the input or use a KV cache (model.new_cache) for generation")
+        else:
+            start = cache.check(idx)
+        cos, sin = rotary_cos_sin(torch.arange(start, start + T, device=idx.device),
+                                  self.rot_dim, self.config.rotary_base)
+        x = self.transformer.drop(self.transformer.wte(idx))
+        for block in self.transformer.h:
+            x = block(x, cos, sin, cache)
+        if cache is not None:
+            cache.length += T
+        return self.transformer.ln_f(x)
+
+    def forward(self, idx, targets=None, cache=None):
+        logits = self.lm_head(self.hidden_states(idx, cache))
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
+                                   ignore_index=-1)
+        return logits, loss
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+        params = [p for p in self.parameters() if p.requires_grad]
+        # Matrices (and the per-head latent maps) decay; biases and norms do not.
+        groups = [
+            {'params': [p for p in params if p.dim() >= 2], 'weight_decay': weight_decay},
+            {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0},
+        ]
+        fused = device_type == 'cuda' and 'fused' in inspect.signature(torch.optim.AdamW).parameters
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **({'fused': True} if fused else {}))
+
+    def flops_per_token(self, T):
+        """Training FLOPs per token at context T (PaLM appendix B style, causal average)."""
+        cfg = self.config
+        d, r, W = cfg.head_dim, cfg.dar_rank, cfg.window
+        mean_keys = (T + 1) / 2
+        if W is None:
+            full, latent = mean_keys, 0.0
+        else:
+            full = min(mean_keys, W)
+            latent = (mean_keys - full) if cfg.has_latents else 0.0
+        attended_dims = full * d + latent * r
+        return 6 * self.get_num_params(non_embedding=False) + 12 * cfg.n_layer * cfg.n_head * attended_dims
+
+    def estimate_mfu(self, fwdbwd_per_iter, dt, peak_flops=312e12):
+        """Model FLOPs utilisation against peak_flops (default: A100 bf16, as nanoGPT)."""
+        T = self.config.block_size
+        return self.flops_per_token(T) * T * fwdbwd_per_iter / dt / peak_flops
+
+    # ------------------------------------------------------------------------------------------
+    # Inference
+
+    def new_cache(self, batch_size, max_seq_len, device=None, dtype=None):
+        p = next(self.parameters())
+        return KVCache(self.config, batch_size, max_seq_len,
+                       device=p.device if device is None else device,
+                       dtype=p.dtype if dtype is None else dtype)
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_token=None):
+        """Prefill idx once, then sample one token per step from the KV cache. temperature 0 is
+        greedy. Rows that produced eos_token keep emitting it; stops early once all have."""
+        B, T = idx.shape
+        cache = self.new_cache(B, T + max_new_tokens, device=idx.device)
+        logits = self.lm_head(self.hidden_states(idx, cache)[:, -1])
+        out, done = [idx], torch.zeros(B, dtype=torch.bool, device=idx.device)
+        for step in range(max_new_tokens):
+            nxt = sample_next(logits, temperature, top_k, top_p)
+            if eos_token is not None:
+                nxt = nxt.masked_fill(done, eos_token)
+                done |= nxt == eos_token
+            out.append(nxt[:, None])
+            if step == max_new_tokens - 1 or (eos_token is not None and done.all()):
+                break
+            logits = self.lm_head(self.hidden_states(nxt[:, None], cache)[:, -1])
+        return torch.cat(out, dim=1)
+
+
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None):
+    """One token per row from (B, V) logits."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+        logits = logits.masked_fill(logits < kth, float('-inf'))
+    if top_p is not None:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # Drop a token once the ones before it already cover top_p; the first always stays.
+        drop = probs.cumsum(-1) - probs > top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float('-inf')))
+    return torch.multinomial(logits.softmax(-1), 1)[:, 0]
+
+
+class KVCache:
+    """Static DAR KV cache, preallocated and written by position.
+
+    Per layer: a ring of the last W keys/values in full dims (B, H, W, d), and latents (a, b) of
+    the older tokens (B, H, max_seq_len - W, r). A token's latent is computed once, when it
+    leaves the window. Full attention is the ring with W = max_seq_len (an ordinary static
+    cache); local-only keeps only the ring; uniform keeps only latents.
+    """
+
+    # Prefill runs in query blocks of this size: scores are (B, H, block, context) at a time.
+    prefill_block = 256
+
+    def __init__(self, config, batch_size, max_seq_len, device, dtype):
+        if max_seq_len <= 0 or batch_size <= 0:
+            raise ValueError(f"batch_size and max_seq_len must be positive, got {batch_size}, {max_seq_len}")
+        self.window = None if config.regime == 'full' else config.dar_window
+        self.batch_size, self.max_seq_len, self.length = batch_size, max_seq_len, 0
+        self.device, self.dtype = torch.device(device), dtype
+        L, B, H, d, r = config.n_layer, batch_size, config.n_head, config.head_dim, config.dar_rank
+        self.ring_size = max_seq_len if self.window is None else min(self.window, max_seq_len)
+        self.k = torch.zeros(L, B, H, self.ring_size, d, device=device, dtype=dtype)
+        self.v = torch.zeros_like(self.k)
+        self.a = self.b = None
+        if config.has_latents and max_seq_len > self.window:
+            self.a = torch.zeros(L, B, H, max_seq_len - self.window, r, device=device, dtype=dtype)
+            self.b = torch.zeros_like(self.a)
+
+    def nbytes(self):
+        return sum(t.numel() * t.element_size() for t in (self.k, self.v, self.a, self.b) if t is not None)
+
+    def reset(self):
+        self.length = 0  # stale entries are never read: every read is bounded by length
+
+    def check(self, idx):
+        """Validates the next chunk idx against the cache; returns its start position."""
+        B, T = idx.shape
+        if B != self.batch_size:
+            raise ValueError(f"batch size {B} does not match the cache's {self.batch_size}; "
+                             "create the cache with model.new_cache(batch_size=...)")
+        if idx.device.type != self.device.type or (idx.device.index or 0) != (self.device.index or 0):
+            raise ValueError(f"input is on {idx.device} but the cache is on {self.device}; "
+                             "move one of them (model.new_cache(..., device=...))")
+        if self.length + T > self.max_seq_len:
+            raise ValueError(f"{self.length} cached + {T} new tokens exceed the cache's max_seq_len "
+                             f"{self.max_seq_len}; create a larger cache or call cache.reset()")
+        return self.length
+
+    def attend(self, layer, q, k, v, maps):
+        """Attention of the new tokens (q, k, v at positions length + arange(n)) over everything
+        cached and themselves; then stores k, v. Distant tokens are read only as latents."""
+        if q.dtype != self.dtype:
+            raise ValueError(f"activations are {q.dtype} but the cache holds {self.dtype}; "
+                             "create it with model.new_cache(..., dtype=...)")
+        L, n, W, S = self.length, q.shape[-2], self.window, self.ring_size
+        ring_k, ring_v = self.k[layer], self.v[layer]
+        a = b = up_k = up_v = None
+        if self.a is not None:
+            down_k, up_k, down_v, up_v = maps
+            # Tokens that leave the window during this chunk: latents from the ring (older
+            # ones) or from the chunk itself, before the ring slots are overwritten.
+            lo, hi = max(0, L - W), max(0, L + n - W)
+            mid = min(hi, L)  # [lo, mid) are still in the ring, [mid, hi) are in this chunk
+            for down, store, held_kv, new_kv in ((down_k, self.a, ring_k, k), (down_v, self.b, ring_v, v)):
+                if mid > lo:
+                    slots = torch.arange(lo, mid, device=q.device) % S
+                    store[layer][:, :, lo:mid] = held_kv[:, :, slots] @ down
+                if hi > mid:
+                    store[layer][:, :, mid:hi] = new_kv[:, :, mid - L:hi - L] @ down
+            a, b = self.a[layer], self.b[layer]
+        held = min(L, S)
+        ring = None
+        if held and S:
+            slots = torch.arange(held, device=q.device)
+            ring_pos = slots if W is None else (L - 1) - ((L - 1 - slots) % S)
+            ring = (ring_k[:, :, :held], ring_v[:, :, :held], ring_pos)
+        out, _ = dar_forward(q, k, v, a, b, up_k, up_v, W, block=self.prefill_block, q_start=L, ring=ring)
+        if S:
+            m = min(n, S)
+            slots = torch.arange(L + n - m, L + n, device=q.device) % S
+            ring_k[:, :, slots] = k[:, :, n - m:]
+            ring_v[:, :, slots] = v[:, :, n - m:]
+        return out
