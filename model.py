@@ -440,7 +440,7 @@ class GPT(nn.Module):
                 raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}; "
                                  "crop the input or use a KV cache (model.new_cache) for generation")
         else:
-            start = cache.check(idx)
+            start = cache.check(idx, self.transformer.wte.weight.dtype)
         cos, sin = rotary_cos_sin(torch.arange(start, start + T, device=idx.device),
                                   self.rot_dim, self.config.rotary_base)
         x = self.transformer.drop(self.transformer.wte(idx))
@@ -565,9 +565,13 @@ class KVCache:
     def reset(self):
         self.length = 0  # stale entries are never read: every read is bounded by length
 
-    def check(self, idx):
-        """Validates the next chunk idx against the cache; returns its start position."""
+    def check(self, idx, dtype):
+        """Validates the next chunk idx (of activations in dtype) against the cache; returns its
+        start position."""
         B, T = idx.shape
+        if dtype != self.dtype:
+            raise ValueError(f"the model computes in {dtype} but the cache holds {self.dtype}; "
+                             "create it with model.new_cache(..., dtype=...)")
         if B != self.batch_size:
             raise ValueError(f"batch size {B} does not match the cache's {self.batch_size}; "
                              "create the cache with model.new_cache(batch_size=...)")
@@ -582,9 +586,6 @@ class KVCache:
     def attend(self, layer, q, k, v, maps):
         """Attention of the new tokens (q, k, v at positions length + arange(n)) over everything
         cached and themselves; then stores k, v. Distant tokens are read only as latents."""
-        if q.dtype != self.dtype:
-            raise ValueError(f"activations are {q.dtype} but the cache holds {self.dtype}; "
-                             "create it with model.new_cache(..., dtype=...)")
         L, n, W, S = self.length, q.shape[-2], self.window, self.ring_size
         ring_k, ring_v = self.k[layer], self.v[layer]
         a = b = up_k = up_v = None

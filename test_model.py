@@ -1,0 +1,281 @@
+"""Correctness of model.py against slow, obvious references: the naive path for attention,
+full-context forwards for the KV cache. Run: python -m pytest -q"""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import model
+from model import GPT, GPTConfig, KVCache
+
+W = 16  # window of the small test models
+REGIMES = {  # (dar_window, dar_rank) for each of the four regimes
+    'full': (None, None),
+    'dar': (W, 4),
+    'uniform': (0, 4),
+    'local': (W, 0),
+}
+
+
+def small_config(regime, **kw):
+    window, rank = REGIMES[regime]
+    args = dict(block_size=64, vocab_size=97, n_layer=2, n_head=2, n_embd=32,
+                dar_window=window, dar_rank=rank, rotary_pct=0.5)
+    return GPTConfig(**{**args, **kw})
+
+
+def make_model(regime, seed=0, **kw):
+    torch.manual_seed(seed)
+    m = GPT(small_config(regime, **kw))
+    if m.config.has_latents:  # move the up maps off U = A^T so the latent path is exercised in general
+        with torch.no_grad():
+            for block in m.transformer.h:
+                block.attn.up_k.add_(0.3 * torch.randn_like(block.attn.up_k))
+                block.attn.up_v.add_(0.3 * torch.randn_like(block.attn.up_v))
+    return m
+
+
+@pytest.fixture(autouse=True)
+def small_fused_block(monkeypatch):
+    # Blocks of 8 queries: the test lengths span several blocks and cross the window inside one.
+    monkeypatch.setattr(model, 'FUSED_BLOCK', 8)
+
+
+def rel_err(a, b):
+    return ((a - b).abs().max() / b.abs().max().clamp(min=1e-12)).item()
+
+
+def logits_and_grads(m, idx, impl):
+    m.config.attn_impl = impl
+    m.zero_grad(set_to_none=True)
+    logits, loss = m(idx, idx)
+    loss.backward()
+    grads = {n: (p.grad.clone() if p.grad is not None else torch.zeros_like(p)) for n, p in m.named_parameters()}
+    return logits.detach(), grads
+
+
+# ---------------------------------------------------------------------------------------------
+# The three attention paths agree
+
+
+@pytest.mark.parametrize('regime', list(REGIMES))
+@pytest.mark.parametrize('T', [W - 1, W, W + 1, 43])  # 43: not a multiple of the fused block
+def test_paths_agree_forward_and_backward(regime, T):
+    m = make_model(regime)
+    idx = torch.randint(0, 97, (2, T), generator=torch.Generator().manual_seed(T))
+    ref_logits, ref_grads = logits_and_grads(m, idx, 'naive')
+    for impl in ('sdpa', 'fused'):
+        logits, grads = logits_and_grads(m, idx, impl)
+        assert rel_err(logits, ref_logits) < 1e-5, impl
+        for name, g in ref_grads.items():
+            assert rel_err(grads[name], g) < 1e-5 or (g.abs().max() == 0 and grads[name].abs().max() == 0), (impl, name)
+    if m.config.has_latents and T > W:  # the latent maps must really receive gradient
+        assert ref_grads['transformer.h.0.attn.up_k'].abs().max() > 0
+
+
+def reference_attention(q, k, v, allowed):
+    s = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
+    return torch.softmax(s.masked_fill(~allowed, float('-inf')), -1) @ v
+
+
+@pytest.mark.parametrize('impl', ['naive', 'sdpa', 'fused'])
+def test_full_is_causal_and_local_is_sliding_window(impl):
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, 3, 29, 8, generator=g) for _ in range(3))
+    i = torch.arange(29)
+    dist = i[:, None] - i[None, :]
+    attn = model.ATTENTION[impl]
+    torch.testing.assert_close(attn(q, k, v, None, None), reference_attention(q, k, v, dist >= 0))
+    torch.testing.assert_close(attn(q, k, v, 5, None), reference_attention(q, k, v, (dist >= 0) & (dist < 5)))
+
+
+@pytest.mark.parametrize('regime', ['dar', 'uniform'])
+def test_full_rank_latents_reproduce_full_attention(regime):
+    # With r = d, the initial A is orthogonal and U = A^T, so a distant key/value is rebuilt
+    # exactly: DAR and uniform must then equal full attention on the same weights.
+    full = make_model('full')
+    reduced = GPT(small_config(regime, dar_rank=full.config.head_dim))
+    missing, unexpected = reduced.load_state_dict(full.state_dict(), strict=False)
+    assert not unexpected and all(('down_' in n or 'up_' in n) for n in missing)
+    idx = torch.randint(0, 97, (2, 40))
+    for impl in ('naive', 'sdpa', 'fused'):
+        reduced.config.attn_impl = full.config.attn_impl = impl
+        torch.testing.assert_close(reduced(idx)[0], full(idx)[0], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize('impl', ['naive', 'sdpa', 'fused'])
+def test_distant_tokens_matter_only_with_latents(impl):
+    idx = torch.randint(0, 97, (1, 40), generator=torch.Generator().manual_seed(2))
+    changed = idx.clone()
+    changed[0, 10] = (idx[0, 10] + 1) % 97
+    for rank, should_change in ((0, False), (4, True)):
+        m = make_model('dar', n_layer=1, dar_rank=rank, attn_impl=impl)
+        a, b = m(idx)[0], m(changed)[0]
+        # Positions 10 + W and later are W or more past the change: only latents reach them.
+        far = (a[0, 10 + W:] - b[0, 10 + W:]).abs().max().item()
+        near = (a[0, 10:10 + W] - b[0, 10:10 + W]).abs().max().item()
+        assert near > 1e-4
+        assert (far > 1e-4) == should_change, (rank, far)
+
+
+@pytest.mark.parametrize('regime', list(REGIMES))
+def test_bf16_sdpa_and_fused_agree(regime):
+    m = make_model(regime).to(torch.bfloat16)
+    idx = torch.randint(0, 97, (2, 43), generator=torch.Generator().manual_seed(3))
+    ref_logits, ref_grads = logits_and_grads(m, idx, 'sdpa')
+    logits, grads = logits_and_grads(m, idx, 'fused')
+    for t in [ref_logits, logits, *ref_grads.values(), *grads.values()]:
+        assert torch.isfinite(t.float()).all()
+    assert rel_err(logits.float(), ref_logits.float()) < 3e-2
+    for name, g in ref_grads.items():
+        assert rel_err(grads[name].float(), g.float()) < 6e-2, name
+
+
+def test_fused_empty_sets_give_no_nan():
+    # Uniform: no local key at all; local-only: no distant key; a lone query at position 0.
+    for regime in ('uniform', 'local', 'dar'):
+        m = make_model(regime, attn_impl='fused')
+        for T in (1, 2, W + 3):
+            logits, loss = m(torch.zeros(2, T, dtype=torch.long), torch.zeros(2, T, dtype=torch.long))
+            loss.backward()
+            assert torch.isfinite(logits).all()
+            assert all(torch.isfinite(p.grad).all() for p in m.parameters() if p.grad is not None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Config
+
+
+@pytest.mark.parametrize('kw, field', [
+    (dict(dar_window=-1), 'dar_window'),
+    (dict(dar_rank=17), 'dar_rank'),
+    (dict(n_embd=33), 'n_embd'),
+    (dict(attn_impl='flash'), 'attn_impl'),
+    (dict(rotary_pct=1.5), 'rotary_pct'),
+    (dict(rotary_pct=-0.1), 'rotary_pct'),
+    (dict(dar_window=0, dar_rank=0), 'dar_rank'),
+    (dict(n_layer=0), 'n_layer'),
+])
+def test_invalid_config_names_the_field(kw, field):
+    with pytest.raises(ValueError, match=field):
+        small_config('full', **kw)
+
+
+def test_regimes_and_parameters():
+    for regime in REGIMES:
+        assert small_config(regime).regime == regime
+    assert small_config('dar', dar_window=64).regime == 'full'  # W >= block_size
+    assert small_config('dar', dar_rank=None).dar_rank == 16 // 4
+    with pytest.raises(ValueError, match='preset'):
+        GPTConfig.from_preset('pythia-1b')
+    n_full = make_model('full').get_num_params()
+    assert make_model('local').get_num_params() == n_full
+    assert make_model('dar').get_num_params() == n_full + 2 * 4 * (2 * 16 * 4)  # layers * maps * (H * d * r)
+    with pytest.raises(ValueError, match='block_size'):
+        make_model('full')(torch.zeros(1, 65, dtype=torch.long))
+
+
+def test_pythia_70m_parameter_count():
+    with torch.device('meta'):  # shapes only: no memory, no init time
+        m = GPT(GPTConfig.from_preset('pythia-70m'))
+    assert abs(m.get_num_params(non_embedding=True) - 18_915_328) / 18_915_328 < 0.01
+    assert m.get_num_params(non_embedding=False) == 70_426_624
+
+
+# ---------------------------------------------------------------------------------------------
+# KV cache
+
+
+def cached_logits(m, idx, prompt_len, cache):
+    """Prompt in one chunk, then a mix of single tokens and short chunks."""
+    out = [m(idx[:, :prompt_len], cache=cache)[0]]
+    t, step = prompt_len, 0
+    while t < idx.shape[1]:
+        n = 3 if step % 4 == 3 else 1
+        out.append(m(idx[:, t:t + n], cache=cache)[0])
+        t, step = t + n, step + 1
+    return torch.cat(out, dim=1)
+
+
+@pytest.mark.parametrize('regime', list(REGIMES))
+@pytest.mark.parametrize('prompt_len', [W - 5, W, W + 7])
+def test_cached_decoding_equals_full_forward(regime, prompt_len):
+    m = make_model(regime, attn_impl='naive').eval()
+    idx = torch.randint(0, 97, (2, 50), generator=torch.Generator().manual_seed(prompt_len))
+    ref = m(idx)[0]
+    cache = m.new_cache(2, 50)
+    cache.prefill_block = 4  # long prompts are prefilled in several query blocks
+    with torch.no_grad():
+        torch.testing.assert_close(cached_logits(m, idx, prompt_len, cache), ref, rtol=1e-5, atol=1e-5)
+        cache.reset()  # a reset cache serves a new sequence as if new
+        torch.testing.assert_close(cached_logits(m, idx, prompt_len, cache), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('regime', list(REGIMES))
+def test_cached_decoding_bf16(regime):
+    m = make_model(regime, attn_impl='sdpa').eval().to(torch.bfloat16)
+    idx = torch.randint(0, 97, (2, 45), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        ref = m(idx)[0].float()
+        got = cached_logits(m, idx, W + 3, m.new_cache(2, 45)).float()
+    assert torch.isfinite(got).all()
+    assert rel_err(got, ref) < 3e-2
+
+
+@pytest.mark.parametrize('regime', list(REGIMES))
+def test_cache_nbytes_matches_design_formula(regime):
+    m = make_model(regime)
+    B, T, cfg = 3, 50, m.config
+    H, d, r, L = cfg.n_head, cfg.head_dim, cfg.dar_rank, cfg.n_layer
+    window = {'full': T, 'dar': W, 'uniform': 0, 'local': W}[regime]
+    rank = r if cfg.has_latents else 0
+    for dtype, elt in ((torch.float32, 4), (torch.bfloat16, 2)):
+        expected = L * B * H * (2 * window * d + 2 * (T - window) * rank) * elt
+        assert m.new_cache(B, T, dtype=dtype).nbytes() == expected
+
+
+@pytest.mark.parametrize('regime', list(REGIMES))
+def test_greedy_generate_equals_argmax_of_full_forwards(regime):
+    m = make_model(regime).eval()
+    prompt = torch.randint(0, 97, (2, W + 2), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        x = prompt
+        for _ in range(20):
+            x = torch.cat([x, m(x)[0][:, -1].argmax(-1, keepdim=True)], dim=1)
+        assert torch.equal(m.generate(prompt, 20, temperature=0), x)
+        assert torch.equal(m.generate(prompt, 20, top_k=1), x)
+
+
+def test_generate_sampling_options():
+    m = make_model('dar').eval()
+    prompt = torch.zeros(2, 3, dtype=torch.long)
+    torch.manual_seed(0)
+    out = m.generate(prompt, 12, temperature=0.8, top_k=5, top_p=0.9)
+    assert out.shape == (2, 15) and torch.equal(out[:, :3], prompt)
+    # Rows that emitted eos keep emitting it; generation stops once every row has.
+    eos = int(m(prompt)[0][0, -1].argmax())
+    out = m.generate(prompt, 12, temperature=0, eos_token=eos)
+    assert out.shape == (2, 4) and (out[:, -1] == eos).all()
+    # top_p keeps the smallest set covering p: with a dominant token, p=0.5 keeps only it.
+    logits = torch.tensor([[5.0, 0.0, 0.0, 0.0]]).repeat(50, 1)
+    assert (model.sample_next(logits, top_p=0.5) == 0).all()
+
+
+def test_cache_errors_are_clear():
+    m = make_model('dar').eval()
+    cache = m.new_cache(2, 20)
+    with pytest.raises(ValueError, match='max_seq_len'):
+        m(torch.zeros(2, 21, dtype=torch.long), cache=cache)
+    m(torch.zeros(2, 15, dtype=torch.long), cache=cache)
+    with pytest.raises(ValueError, match='max_seq_len'):
+        m(torch.zeros(2, 6, dtype=torch.long), cache=cache)
+    with pytest.raises(ValueError, match='batch size'):
+        m(torch.zeros(3, 1, dtype=torch.long), cache=cache)
+    with pytest.raises(ValueError, match='dtype'):
+        m(torch.zeros(2, 1, dtype=torch.long), cache=m.new_cache(2, 20, dtype=torch.bfloat16))
+    assert cache.length == 15  # failed calls left the cache untouched
+    meta_cache = KVCache(m.config, 2, 20, device='meta', dtype=torch.float32)
+    with pytest.raises(ValueError, match='cache is on meta'):
+        m(torch.zeros(2, 1, dtype=torch.long), cache=meta_cache)
