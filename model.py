@@ -206,7 +206,7 @@ def dar_forward(q, k, v, a, b, up_k, up_v, window, block=128, q_start=0, ring=No
             s, e, q_start, window, q.device, ring[2] if ring is not None else None)
         qb = q[..., s:e, :]
         local = []  # (scores, values) of keys read in full dims
-        if ring is not None and ring[0].shape[-2]:
+        if ring is not None:
             local.append((_masked_scores(qb, ring[0], ring_mask), ring[1]))
         if window != 0:
             local.append((_masked_scores(qb, k[..., ls:e, :], band_mask), v[..., ls:e, :]))
@@ -604,9 +604,10 @@ class KVCache:
             a, b = self.a[layer], self.b[layer]
         held = min(L, S)
         ring = None
-        if held and S:
-            slots = torch.arange(held, device=q.device)
-            ring_pos = slots if W is None else (L - 1) - ((L - 1 - slots) % S)
+        if held:
+            ring_pos = None  # full attention reads every cached token: no positions to check
+            if W is not None:
+                ring_pos = (L - 1) - ((L - 1 - torch.arange(held, device=q.device)) % S)
             ring = (ring_k[:, :, :held], ring_v[:, :, :held], ring_pos)
         out, _ = dar_forward(q, k, v, a, b, up_k, up_v, W, block=self.prefill_block, q_start=L, ring=ring)
         if S:

@@ -1,0 +1,97 @@
+"""
+Sample from a trained model with the DAR KV cache (prefill once, then one token per step).
+
+    python sample.py --out_dir=out                          # from out/ckpt.pt (train.py)
+    python sample.py --start="FILE:prompt.txt" --num_samples=3 --max_new_tokens=500
+    python sample.py --init_from=pythia-70m --dar_window=256 --start="x" # random weights: speed only
+
+Text is encoded and decoded with the tokenizer prepare.py recorded in the dataset's meta.json.
+"""
+
+import json
+import os
+import sys
+import time
+
+import torch
+
+from configurator import configure
+from model import GPT, GPTConfig
+from prepare import load_tokenizer
+
+init_from = 'resume'  # 'resume' (out_dir/ckpt.pt) or a preset name for random weights
+out_dir = 'out'
+dataset = ''  # data/<dataset>/meta.json gives the tokenizer; '' takes the checkpoint's dataset
+start = '\n'  # the prompt, or FILE:path to read it from a file
+num_samples = 2
+max_new_tokens = 300
+temperature = 0.8  # 0: greedy
+top_k = 200  # 0: no top-k
+top_p = 0.0  # 0: no nucleus sampling
+seed = 1337
+device = 'cuda' if torch.cuda.is_available() else 'cpu'
+dtype = 'bfloat16' if device == 'cuda' else 'float32'
+dar_window = -1  # with a preset: -1 keeps full attention, else W
+dar_rank = -1  # with a preset: -1 keeps head_dim // 4, else r
+
+config = {k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, str))}
+configure(config, sys.argv[1:])
+globals().update(config)
+
+torch.manual_seed(seed)
+if init_from == 'resume':
+    ckpt_path = os.path.join(out_dir, 'ckpt.pt')
+    if not os.path.exists(ckpt_path):
+        raise SystemExit(f"no checkpoint at {ckpt_path}; train one (python train.py --out_dir={out_dir}) "
+                         "or sample from random weights with --init_from=<preset>")
+    checkpoint = torch.load(ckpt_path, map_location='cpu', weights_only=True)
+    model = GPT(GPTConfig(**checkpoint['model_args']))
+    model.load_state_dict(checkpoint['model'])
+    dataset = dataset or checkpoint['config'].get('dataset', '')
+else:
+    overrides = {}
+    if dar_window >= 0:
+        overrides['dar_window'] = dar_window
+    if dar_rank >= 0:
+        overrides['dar_rank'] = dar_rank
+    try:
+        model = GPT(GPTConfig.from_preset(init_from, **overrides))
+    except ValueError as e:
+        raise SystemExit(f"--init_from: {e}") from None
+model.eval().to(device=device, dtype=getattr(torch, dtype))
+print(f"{model.config.regime} attention, {model.get_num_params() / 1e6:.2f}M non-embedding parameters")
+
+meta_path = dataset if os.path.isabs(dataset) else os.path.join('data', dataset)
+meta_path = os.path.join(meta_path, 'meta.json')
+if dataset and os.path.exists(meta_path):
+    encode, decode = load_tokenizer(meta_path)
+elif init_from == 'resume':
+    raise SystemExit(f"{meta_path} not found: the checkpoint's tokenizer is recorded there; "
+                     "run prepare.py for that dataset or name one with --dataset=")
+else:  # random weights: any ids do, text is only for show
+    encode, decode = (lambda s: [b % model.config.vocab_size for b in s.encode()]), (lambda ids: f"<{len(ids)} ids>")
+
+if start.startswith('FILE:'):
+    with open(start[5:], encoding='utf-8') as f:
+        start = f.read()
+ids = encode(start)
+if not ids:
+    raise SystemExit("the prompt encodes to no tokens; give a non-empty --start")
+if max(ids) >= model.config.vocab_size:
+    raise SystemExit(f"the tokenizer gives ids up to {max(ids)} but the model's vocab_size is "
+                     f"{model.config.vocab_size}: --dataset does not match the checkpoint")
+x = torch.tensor([ids] * num_samples, dtype=torch.long, device=device)
+
+sync = torch.cuda.synchronize if device == 'cuda' else (lambda: None)
+sync()
+t0 = time.perf_counter()
+y = model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k or None, top_p=top_p or None)
+sync()
+dt = time.perf_counter() - t0
+for row in y.tolist():
+    print(decode(row))
+    print('---------------')
+new_tokens = (y.shape[1] - x.shape[1]) * num_samples
+kv = model.new_cache(num_samples, y.shape[1], device='meta').nbytes()
+print(f"{new_tokens} tokens in {dt:.2f} s: {new_tokens / dt:.1f} tokens/s (prompt {len(ids)} tokens, "
+      f"batch {num_samples}, prefill included); KV cache {kv / 2**20:.2f} MiB")
