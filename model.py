@@ -161,30 +161,37 @@ def sdpa_attention(q, k, v, window, maps):
         q, torch.cat([k, k_far], dim=-2), torch.cat([v, v_far], dim=-2), attn_mask=mask)
 
 
-def _masked_scores(q, keys, mask):
+def _masked_scores(q, keys, mask, mask_from=0):
+    """Float scores q . keys, with the pairs outside mask (applied to key columns mask_from
+    onwards; the columns before it are all allowed) set to -inf."""
     s = (q @ keys.transpose(-2, -1)).float()
-    return s if mask is None else s.masked_fill_(~mask, float('-inf'))
+    if mask is not None:
+        s[..., mask_from:].masked_fill_(~mask, float('-inf'))
+    return s
 
 
 def _block_keys(s, e, q_start, window, device, ring_pos=None):
     """What the block [s, e) of the new tokens reads, and which pairs are allowed.
-    Positions are absolute (new token t sits at q_start + t); a mask is None where every pair
-    is allowed, which is always so for a single query (the decode step).
-    Returns ls (band = new tokens [ls, e) in full dims), de (latents = positions [0, de)),
-    and the ring, band and latent masks."""
+    Positions are absolute (new token t sits at q_start + t). Returns
+      ls: the band, new tokens [ls, e), read in full dims;
+      de: the latents, positions [0, de); all queries of the block see [0, lm), so only the
+          edge [lm, de) needs a mask (as in flash attention, only diagonal tiles are masked);
+      and the masks of the ring, the band and the latent edge, None where all pairs are allowed
+      (always so for a single query: the decode step)."""
     n = e - s
     ls = 0 if window is None else max(0, s - window + 1)
     de = 0 if window is None else max(0, q_start + e - window)
-    ring_mask = band_mask = latent_mask = None
+    lm = 0 if window is None else min(de, max(0, q_start + s + 1 - window))
+    ring_mask = band_mask = edge_mask = None
     if n > 1:
         dist = _distance(n, e - ls, s - ls, device)
         band_mask = dist >= 0 if window is None else (dist >= 0) & (dist < window)
-        if de:
-            latent_mask = _distance(n, de, q_start + s, device) >= window
+        if de > lm:
+            edge_mask = _distance(n, de - lm, q_start + s - lm, device) >= window
     if ring_pos is not None and window is not None:
         qpos = torch.arange(q_start + s, q_start + e, device=device)
         ring_mask = (qpos[:, None] - ring_pos[None, :]) < window
-    return ls, de, ring_mask, band_mask, latent_mask
+    return ls, de, lm, ring_mask, band_mask, edge_mask
 
 
 def dar_forward(q, k, v, a, b, up_k, up_v, window, block=128, q_start=0, ring=None):
@@ -202,7 +209,7 @@ def dar_forward(q, k, v, a, b, up_k, up_v, window, block=128, q_start=0, ring=No
     lse = q.new_empty(q.shape[:-1], dtype=torch.float32)
     for s in range(0, n, block):
         e = min(s + block, n)
-        ls, de, ring_mask, band_mask, latent_mask = _block_keys(
+        ls, de, lm, ring_mask, band_mask, edge_mask = _block_keys(
             s, e, q_start, window, q.device, ring[2] if ring is not None else None)
         qb = q[..., s:e, :]
         local = []  # (scores, values) of keys read in full dims
@@ -212,7 +219,7 @@ def dar_forward(q, k, v, a, b, up_k, up_v, window, block=128, q_start=0, ring=No
             local.append((_masked_scores(qb, k[..., ls:e, :], band_mask), v[..., ls:e, :]))
         latent = None
         if a is not None and de:
-            latent = (_masked_scores(qb @ up_k.transpose(-2, -1), a[..., :de, :], latent_mask),
+            latent = (_masked_scores(qb @ up_k.transpose(-2, -1), a[..., :de, :], edge_mask, lm),
                       b[..., :de, :])
         pieces = local + ([latent] if latent else [])
         # The max over all pieces is finite: every query sees itself, in the band or as a latent.
@@ -249,7 +256,7 @@ class FusedDARAttention(torch.autograd.Function):
         delta = (dout.float() * out.float()).sum(-1, keepdim=True)  # rowsum(dO * O)
         for s in range(0, n, block):
             e = min(s + block, n)
-            ls, de, _, band_mask, latent_mask = _block_keys(s, e, 0, window, q.device)
+            ls, de, lm, _, band_mask, edge_mask = _block_keys(s, e, 0, window, q.device)
             qb, dob = qs[..., s:e, :], dout[..., s:e, :]
             lse_b, delta_b = lse[..., s:e, None], delta[..., s:e, :]
             dqb = 0  # gradient of the scaled query block
@@ -263,7 +270,7 @@ class FusedDARAttention(torch.autograd.Function):
             if a is not None and de:
                 ab, bb = a[..., :de, :], b[..., :de, :]
                 qa = qb @ up_k.transpose(-2, -1)
-                p = _masked_scores(qa, ab, latent_mask).sub_(lse_b).exp_()
+                p = _masked_scores(qa, ab, edge_mask, lm).sub_(lse_b).exp_()
                 pl = p.to(bb.dtype)
                 dup_v += ((pl @ bb).transpose(-2, -1) @ dob).float().sum(0)
                 dlat = dob @ up_v.transpose(-2, -1)  # gradient of the weighted latent sum

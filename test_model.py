@@ -279,3 +279,34 @@ def test_cache_errors_are_clear():
     meta_cache = KVCache(m.config, 2, 20, device='meta', dtype=torch.float32)
     with pytest.raises(ValueError, match='cache is on meta'):
         m(torch.zeros(2, 1, dtype=torch.long), cache=meta_cache)
+
+
+# ---------------------------------------------------------------------------------------------
+# Scripts run end to end (tiny settings; the real figures come from running them by hand)
+
+
+def run_script(*args):
+    import subprocess
+    import sys
+    res = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res.stdout
+
+
+def test_bench_runs_and_writes_results(tmp_path):
+    import json
+    run_script('bench.py', '--preset=tiny', '--dar_window=16', '--dar_rank=8', '--train_seq_lens=[40]',
+               '--train_repeats=1', '--decode_contexts=[24,48]', '--decode_steps=2', '--decode_repeats=1',
+               '--prefill_repeats=1', f'--out_dir={tmp_path}')
+    train = json.loads((tmp_path / 'train_cpu.json').read_text())
+    assert {r['case'] for r in train['rows']} == {'full (sdpa)', 'DAR (sdpa)', 'DAR (fused)', 'uniform (auto)'}
+    assert all(r['seconds'] > 0 and r['peak_bytes'] > 0 for r in train['rows'])
+    decode = json.loads((tmp_path / 'decode_cpu.json').read_text())
+    dar = next(r for r in decode['rows'] if r['case'] == 'DAR' and r['context'] == 48)
+    assert dar['kv_vs_full'] < 1 and dar['decode_tok_s'] > 0
+    assert (tmp_path / 'decode_cpu.png').stat().st_size > 0
+
+
+def test_sample_from_random_preset():
+    out = run_script('sample.py', '--init_from=tiny', '--dar_window=8', '--max_new_tokens=5', '--num_samples=1')
+    assert 'tokens/s' in out
