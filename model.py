@@ -25,6 +25,7 @@ Attention paths (attn_impl), all exact and interchangeable on one state_dict:
     naive   the masked score matrix, written out; the ground truth for the tests
 """
 
+import functools
 import inspect
 import math
 from dataclasses import dataclass
@@ -161,37 +162,44 @@ def sdpa_attention(q, k, v, window, maps):
         q, torch.cat([k, k_far], dim=-2), torch.cat([v, v_far], dim=-2), attn_mask=mask)
 
 
-def _masked_scores(q, keys, mask, mask_from=0):
-    """Float scores q . keys, with the pairs outside mask (applied to key columns mask_from
-    onwards; the columns before it are all allowed) set to -inf."""
+def _masked_scores(q, keys, blocked, blocked_from=0):
+    """Float scores q . keys, -inf where blocked (a mask of the key columns blocked_from
+    onwards; the columns before it are all allowed)."""
     s = (q @ keys.transpose(-2, -1)).float()
-    if mask is not None:
-        s[..., mask_from:].masked_fill_(~mask, float('-inf'))
+    if blocked is not None:
+        s[..., blocked_from:].masked_fill_(blocked, float('-inf'))
     return s
 
 
+@functools.lru_cache(maxsize=64)
+def _blocked(n_q, n_k, offset, lo, hi, device):
+    """(n_q, n_k) mask of the pairs outside lo <= i - j < hi (hi None: unbounded), with
+    i - j = offset + row - col. Cached: every full query block has the same masks."""
+    dist = _distance(n_q, n_k, offset, device)
+    return (dist < lo) | (dist >= hi) if hi is not None else dist < lo
+
+
 def _block_keys(s, e, q_start, window, device, ring_pos=None):
-    """What the block [s, e) of the new tokens reads, and which pairs are allowed.
+    """What the block [s, e) of the new tokens reads, and which pairs are blocked.
     Positions are absolute (new token t sits at q_start + t). Returns
       ls: the band, new tokens [ls, e), read in full dims;
       de: the latents, positions [0, de); all queries of the block see [0, lm), so only the
           edge [lm, de) needs a mask (as in flash attention, only diagonal tiles are masked);
-      and the masks of the ring, the band and the latent edge, None where all pairs are allowed
-      (always so for a single query: the decode step)."""
+      and the blocked masks of the ring, the band and the latent edge, None where nothing is
+      blocked (always so for a single query: the decode step)."""
     n = e - s
     ls = 0 if window is None else max(0, s - window + 1)
     de = 0 if window is None else max(0, q_start + e - window)
     lm = 0 if window is None else min(de, max(0, q_start + s + 1 - window))
-    ring_mask = band_mask = edge_mask = None
+    ring_blocked = band_blocked = edge_blocked = None
     if n > 1:
-        dist = _distance(n, e - ls, s - ls, device)
-        band_mask = dist >= 0 if window is None else (dist >= 0) & (dist < window)
+        band_blocked = _blocked(n, e - ls, s - ls, 0, window, device)
         if de > lm:
-            edge_mask = _distance(n, de - lm, q_start + s - lm, device) >= window
+            edge_blocked = _blocked(n, de - lm, q_start + s - lm, window, None, device)
     if ring_pos is not None and window is not None:
         qpos = torch.arange(q_start + s, q_start + e, device=device)
-        ring_mask = (qpos[:, None] - ring_pos[None, :]) < window
-    return ls, de, lm, ring_mask, band_mask, edge_mask
+        ring_blocked = (qpos[:, None] - ring_pos[None, :]) >= window
+    return ls, de, lm, ring_blocked, band_blocked, edge_blocked
 
 
 def dar_forward(q, k, v, a, b, up_k, up_v, window, block=128, q_start=0, ring=None):
@@ -209,17 +217,17 @@ def dar_forward(q, k, v, a, b, up_k, up_v, window, block=128, q_start=0, ring=No
     lse = q.new_empty(q.shape[:-1], dtype=torch.float32)
     for s in range(0, n, block):
         e = min(s + block, n)
-        ls, de, lm, ring_mask, band_mask, edge_mask = _block_keys(
+        ls, de, lm, ring_blocked, band_blocked, edge_blocked = _block_keys(
             s, e, q_start, window, q.device, ring[2] if ring is not None else None)
         qb = q[..., s:e, :]
         local = []  # (scores, values) of keys read in full dims
         if ring is not None:
-            local.append((_masked_scores(qb, ring[0], ring_mask), ring[1]))
+            local.append((_masked_scores(qb, ring[0], ring_blocked), ring[1]))
         if window != 0:
-            local.append((_masked_scores(qb, k[..., ls:e, :], band_mask), v[..., ls:e, :]))
+            local.append((_masked_scores(qb, k[..., ls:e, :], band_blocked), v[..., ls:e, :]))
         latent = None
         if a is not None and de:
-            latent = (_masked_scores(qb @ up_k.transpose(-2, -1), a[..., :de, :], edge_mask, lm),
+            latent = (_masked_scores(qb @ up_k.transpose(-2, -1), a[..., :de, :], edge_blocked, lm),
                       b[..., :de, :])
         pieces = local + ([latent] if latent else [])
         # The max over all pieces is finite: every query sees itself, in the band or as a latent.
@@ -256,13 +264,13 @@ class FusedDARAttention(torch.autograd.Function):
         delta = (dout.float() * out.float()).sum(-1, keepdim=True)  # rowsum(dO * O)
         for s in range(0, n, block):
             e = min(s + block, n)
-            ls, de, lm, _, band_mask, edge_mask = _block_keys(s, e, 0, window, q.device)
+            ls, de, lm, _, band_blocked, edge_blocked = _block_keys(s, e, 0, window, q.device)
             qb, dob = qs[..., s:e, :], dout[..., s:e, :]
             lse_b, delta_b = lse[..., s:e, None], delta[..., s:e, :]
             dqb = 0  # gradient of the scaled query block
             if window != 0:
                 kb, vb = k[..., ls:e, :], v[..., ls:e, :]
-                p = _masked_scores(qb, kb, band_mask).sub_(lse_b).exp_()
+                p = _masked_scores(qb, kb, band_blocked).sub_(lse_b).exp_()
                 dv[..., ls:e, :] += p.to(dob.dtype).transpose(-2, -1) @ dob
                 ds = p.mul_((dob @ vb.transpose(-2, -1)).float() - delta_b).to(q.dtype)
                 dqb = dqb + (ds @ kb).float()
@@ -270,7 +278,7 @@ class FusedDARAttention(torch.autograd.Function):
             if a is not None and de:
                 ab, bb = a[..., :de, :], b[..., :de, :]
                 qa = qb @ up_k.transpose(-2, -1)
-                p = _masked_scores(qa, ab, edge_mask, lm).sub_(lse_b).exp_()
+                p = _masked_scores(qa, ab, edge_blocked, lm).sub_(lse_b).exp_()
                 pl = p.to(bb.dtype)
                 dup_v += ((pl @ bb).transpose(-2, -1) @ dob).float().sum(0)
                 dlat = dob @ up_v.transpose(-2, -1)  # gradient of the weighted latent sum
