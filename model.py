@@ -127,20 +127,18 @@ def _distance(n_q, n_k, q_start, device):
 
 
 def naive_attention(q, k, v, window, maps):
-    d, T = q.shape[-1], q.shape[-2]
+    T, d = q.shape[-2:]
     dist = _distance(T, T, 0, q.device)
-    local = (dist >= 0) & (dist < window) if window is not None else dist >= 0
+    local = dist >= 0 if window is None else (dist >= 0) & (dist < window)
     scores = (q @ k.transpose(-2, -1)) / math.sqrt(d)
-    if maps is not None and window is not None:
-        down_k, up_k, down_v, up_v = maps
-        far = dist >= window
-        k_far, v_far = k @ down_k @ up_k, v @ down_v @ up_v
-        scores = torch.where(far, (q @ k_far.transpose(-2, -1)) / math.sqrt(d), scores)
-    else:
-        far = torch.zeros_like(local)
-    p = torch.softmax(scores.float().masked_fill(~(local | far), float('-inf')), dim=-1).to(q.dtype)
-    out = (p * local) @ v
-    return out + (p * far) @ v_far if far.any() else out
+    if maps is None or window is None:
+        return torch.softmax(scores.float().masked_fill(~local, float('-inf')), -1).to(q.dtype) @ v
+    down_k, up_k, down_v, up_v = maps
+    far = dist >= window
+    k_far, v_far = k @ down_k @ up_k, v @ down_v @ up_v  # distant keys/values rebuilt in d dims
+    scores = torch.where(far, (q @ k_far.transpose(-2, -1)) / math.sqrt(d), scores)
+    p = torch.softmax(scores.float().masked_fill(~(local | far), float('-inf')), -1).to(q.dtype)
+    return (p * local) @ v + (p * far) @ v_far
 
 
 def sdpa_attention(q, k, v, window, maps):
@@ -202,13 +200,14 @@ def _block_keys(s, e, q_start, window, device, ring_pos=None):
     return ls, de, lm, ring_blocked, band_blocked, edge_blocked
 
 
-def dar_forward(q, k, v, a, b, up_k, up_v, window, block=128, q_start=0, ring=None):
+def dar_forward(q, k, v, a, b, up_k, up_v, window, block, q_start=0, ring=None):
     """Blockwise exact DAR attention with one online softmax; never builds a T x T matrix.
 
     q, k, v: the new tokens (B, H, n, d) at positions q_start + arange(n).
     a, b:    latents (B, H, >= de, r) of the positions [0, de) that are distant to some query,
              or None (no latents: full or local-only).
     ring:    optional (k, v, pos) of older tokens still kept in full dims (the KV cache's ring).
+    block:   queries per block; scores are (B, H, block, keys read) at a time.
     Returns (out, lse) with lse the log-sum-exp per query, in float32.
     """
     n, scale = q.shape[-2], 1.0 / math.sqrt(q.shape[-1])
