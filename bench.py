@@ -1,0 +1,272 @@
+"""
+Benchmarks of DAR against full attention, measured side by side in one run: every figure is
+the median of several timed runs after an untimed warm-up, fenced by device synchronisation.
+
+    python bench.py --section=train    # one training step: time and peak memory
+    python bench.py --section=decode   # KV cache: prefill and decode tokens/s, bytes, bandwidth
+    python bench.py                    # both
+
+Settings are the globals below, overridable as --key=value. Results: a printed table, and
+<out_dir>/<section>_<device>.json (plus decode_<device>.png for the decode section).
+"""
+
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+from configurator import configure
+from model import GPT, GPTConfig
+
+section = 'all'  # 'train', 'decode' or 'all'
+preset = 'pythia-70m'
+device = 'cuda' if torch.cuda.is_available() else 'cpu'
+dtype = 'bfloat16' if device == 'cuda' else 'float32'
+dar_window = 256
+dar_rank = 16  # d / 4 at head dim 64
+train_seq_lens = [1024, 4096, 8192]
+train_repeats = 5
+decode_contexts = [1024, 4096, 16384, 32768]
+decode_steps = 32  # tokens per timed decode run
+decode_repeats = 5
+prefill_repeats = 3
+out_dir = 'bench_results'
+case = ''  # internal: one training case, run in a child process so its peak memory is its own
+seq_len = 0  # internal, with case
+
+config = {k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, str, list))}
+configure(config, sys.argv[1:])
+globals().update(config)
+
+# name: (dar_window, dar_rank, attn_impl)
+TRAIN_CASES = {
+    'full (sdpa)': (None, None, 'sdpa'),
+    'DAR (sdpa)': (dar_window, dar_rank, 'sdpa'),
+    'DAR (fused)': (dar_window, dar_rank, 'fused'),
+    'uniform (auto)': (0, dar_rank, 'auto'),
+}
+DECODE_CASES = {
+    'full': (None, None),
+    'DAR': (dar_window, dar_rank),
+    'uniform': (0, dar_rank),
+    'local-only': (dar_window, 0),
+}
+
+
+def sync():
+    if device == 'cuda':
+        torch.cuda.synchronize()
+
+
+def timed(fn, repeats, warmup=1):
+    """Median seconds of fn() over repeats, after warmup untimed calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), times
+
+
+def build(window, rank, impl='auto', block_size=None):
+    torch.manual_seed(0)
+    overrides = dict(dar_window=window, dar_rank=rank, attn_impl=impl)
+    if block_size:
+        overrides['block_size'] = block_size
+    return GPT(GPTConfig.from_preset(preset, **overrides)).to(device=device, dtype=getattr(torch, dtype))
+
+
+def machine():
+    if device == 'cuda':
+        return torch.cuda.get_device_name()
+    return f"{os.cpu_count()}-core CPU ({torch.get_num_threads()} torch threads), torch {torch.__version__}"
+
+
+def save(name, payload):
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, f"{name}_{device}.json")
+    with open(path, 'w') as f:
+        json.dump(payload, f, indent=1)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Training step
+
+
+def _rss_reset():
+    """Resets the kernel's peak-RSS mark (Linux); False where that is not possible."""
+    try:
+        with open('/proc/self/clear_refs', 'w') as f:
+            f.write('5')
+        return True
+    except OSError:
+        return False
+
+
+def _rss_kib(field):
+    with open('/proc/self/status') as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ':'))
+
+
+def run_train_case():
+    """Child process: time one training step (forward + backward) and its peak memory."""
+    window, rank, impl = TRAIN_CASES[case]
+    model = build(window, rank, impl, block_size=max(seq_len, GPTConfig.from_preset(preset).block_size))
+    idx = torch.randint(0, model.config.vocab_size, (1, seq_len + 1), device=device)
+    x, y = idx[:, :-1], idx[:, 1:]
+
+    def step():
+        model.zero_grad(set_to_none=True)  # gradients are part of the step's memory
+        _, loss = model(x, y)
+        loss.backward()
+
+    step()  # warm-up outside the memory mark too
+    model.zero_grad(set_to_none=True)
+    if device == 'cuda':
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        exact = _rss_reset()
+        base = _rss_kib('VmRSS') * 1024
+    median, times = timed(step, train_repeats, warmup=0)
+    if device == 'cuda':
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        peak = (_rss_kib('VmHWM') if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024 - base
+    print(json.dumps(dict(seconds=median, times=times, peak_bytes=peak, impl=model.transformer.h[0].attn.config.attn_impl)))
+
+
+def bench_train():
+    rows = []
+    for T in train_seq_lens:
+        for name in TRAIN_CASES:
+            cmd = [sys.executable, __file__, f'--case={name}', f'--seq_len={T}'] + \
+                  [a for a in sys.argv[1:] if not a.startswith(('--section', '--case', '--seq_len'))]
+            # glibc keeps freed blocks under its (adaptive) mmap threshold for reuse, which would
+            # hide a step's allocations from RSS; a fixed small threshold returns them to the OS.
+            env = dict(os.environ, MALLOC_MMAP_THRESHOLD_='65536')
+            res = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            if res.returncode:
+                raise SystemExit(f"case {name} at T={T} failed:\n{res.stderr[-3000:]}")
+            r = json.loads(res.stdout.strip().splitlines()[-1])
+            rows.append(dict(T=T, case=name, **r))
+            print(f"  T={T:5d} {name:16s} {r['seconds']:8.3f} s  {r['peak_bytes'] / 2**20:8.0f} MiB", flush=True)
+    for r in rows:
+        full = next(f for f in rows if f['T'] == r['T'] and f['case'] == 'full (sdpa)')
+        r['time_vs_full'] = r['seconds'] / full['seconds']
+        r['memory_vs_full'] = r['peak_bytes'] / full['peak_bytes']
+    print(f"\nTraining step (forward + backward), {preset}, batch 1, W={dar_window}, r={dar_rank}, "
+          f"{dtype}, {machine()}; median of {train_repeats}")
+    print(f"| T | case | step s | x full | peak MiB | x full |\n|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['T']} | {r['case']} | {r['seconds']:.3f} | {r['time_vs_full']:.2f} | "
+              f"{r['peak_bytes'] / 2**20:.0f} | {r['memory_vs_full']:.2f} |")
+    print('wrote', save('train', dict(machine=machine(), preset=preset, dtype=dtype, dar_window=dar_window,
+                                      dar_rank=dar_rank, repeats=train_repeats, rows=rows)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding with the KV cache
+
+
+def read_bandwidth():
+    """Bytes/s of a large reduction: the memory read rate this machine gives torch."""
+    x = torch.ones(256 * 2**20, device=device, dtype=torch.float32)  # 1 GiB, past any cache
+    median, _ = timed(lambda: x.sum(), 5)
+    return x.numel() * x.element_size() / median
+
+
+@torch.no_grad()
+def bench_decode():
+    bandwidth = read_bandwidth()
+    models = {name: build(w, r).eval() for name, (w, r) in DECODE_CASES.items()}
+    rows = []
+    for ctx in decode_contexts:
+        for name, model in models.items():
+            cache = model.new_cache(1, ctx + decode_steps + 1)
+            prompt = torch.randint(0, model.config.vocab_size, (1, ctx), device=device)
+
+            def prefill():
+                cache.reset()
+                model.hidden_states(prompt, cache)
+
+            prefill_s, _ = timed(prefill, prefill_repeats, warmup=1 if ctx == decode_contexts[0] else 0)
+            token = prompt[:, -1:]
+
+            def decode():
+                cache.length = ctx  # decode time does not depend on what the cache holds
+                for _ in range(decode_steps):
+                    model(token, cache=cache)
+
+            decode_s, _ = timed(decode, decode_repeats)
+            weights = sum(p.numel() * p.element_size() for p in model.parameters()) \
+                - model.transformer.wte.weight.numel() * model.transformer.wte.weight.element_size()
+            kv_read = model.new_cache(1, ctx, device='meta').nbytes()  # what one step reads at ctx
+            steps_per_s = decode_steps / decode_s
+            rows.append(dict(context=ctx, case=name, prefill_tok_s=ctx / prefill_s, decode_tok_s=steps_per_s,
+                             kv_bytes=kv_read, weight_bytes=weights,
+                             achieved_bw=(weights + kv_read) * steps_per_s, bw_fraction=(weights + kv_read) * steps_per_s / bandwidth))
+            r = rows[-1]
+            print(f"  ctx={ctx:6d} {name:10s} prefill {r['prefill_tok_s']:9.0f} tok/s  decode {r['decode_tok_s']:7.1f} tok/s"
+                  f"  KV {kv_read / 2**20:7.1f} MiB  bw {r['bw_fraction']:.0%}", flush=True)
+            del cache
+    for r in rows:
+        full = next(f for f in rows if f['context'] == r['context'] and f['case'] == 'full')
+        r['decode_vs_full'] = r['decode_tok_s'] / full['decode_tok_s']
+        r['kv_vs_full'] = r['kv_bytes'] / full['kv_bytes']
+    print(f"\nDecode, {preset} (random weights), batch 1, W={dar_window}, r={dar_rank}, {dtype}, {machine()};"
+          f" read bandwidth {bandwidth / 1e9:.1f} GB/s; median of {decode_repeats} x {decode_steps} steps,"
+          f" prefill median of {prefill_repeats}")
+    print("| context | case | prefill tok/s | decode tok/s | x full | KV MiB | x full | bandwidth |\n"
+          "|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['context']} | {r['case']} | {r['prefill_tok_s']:.0f} | {r['decode_tok_s']:.1f} | "
+              f"{r['decode_vs_full']:.2f} | {r['kv_bytes'] / 2**20:.1f} | {r['kv_vs_full']:.3f} | "
+              f"{r['achieved_bw'] / 1e9:.1f} GB/s ({r['bw_fraction']:.0%}) |")
+    print('wrote', save('decode', dict(machine=machine(), preset=preset, dtype=dtype, dar_window=dar_window,
+                                       dar_rank=dar_rank, read_bandwidth=bandwidth, rows=rows)))
+    plot_decode(rows)
+
+
+def plot_decode(rows):
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    for name in DECODE_CASES:
+        rs = [r for r in rows if r['case'] == name]
+        ctx = [r['context'] for r in rs]
+        ax1.plot(ctx, [r['kv_bytes'] / 2**20 for r in rs], marker='o', label=name)
+        ax2.plot(ctx, [r['decode_tok_s'] for r in rs], marker='o', label=name)
+    for ax, title in ((ax1, 'KV-cache MiB'), (ax2, 'decode tokens/s')):
+        ax.set_xscale('log', base=2)
+        ax.set_xlabel('context (tokens)')
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    ax1.set_yscale('log')
+    ax2.legend()
+    fig.suptitle(f"{preset}, batch 1, W={dar_window}, r={dar_rank}, {dtype}, {machine()}", fontsize=9)
+    fig.tight_layout()
+    path = os.path.join(out_dir, f"decode_{device}.png")
+    fig.savefig(path, dpi=120)
+    print('wrote', path)
+
+
+if __name__ == '__main__':
+    if case:
+        run_train_case()
+    else:
+        if section in ('train', 'all'):
+            bench_train()
+        if section in ('decode', 'all'):
+            bench_decode()

@@ -1,0 +1,20 @@
+# The four regimes on a 2-core CPU: tiny model, embedded Shakespeare, context 8 windows long.
+#   python prepare.py
+#   python compare.py config/compare_cpu.py --seeds=1337,1338
+# Measured there: 0.49 (full), 0.60 (dar), 0.52 (uniform), 0.50 (local) s per iteration and
+# about 3 s per eval, so about 10 minutes for the four runs of one seed.
+out_dir = 'out-compare-cpu'
+dataset = 'shakespeare'
+preset = 'tiny'  # 4 layers, 4 heads of 32 dims, n_embd 128
+block_size = 512
+dar_window = 64  # most of a query's keys lie beyond the window, so the regimes really differ
+# dar_rank: None = head_dim // 4 = 8
+batch_size = 8
+gradient_accumulation_steps = 1
+max_iters = 250
+eval_interval = 50
+eval_iters = 8
+log_interval = 25
+learning_rate = 2e-3
+min_lr = 2e-4
+warmup_iters = 25

