@@ -35,9 +35,11 @@ decode_contexts = [1024, 4096, 16384, 32768]
 decode_steps = 32  # tokens per timed decode run
 decode_repeats = 5
 prefill_repeats = 3
+prefill_max_context = 4096 if device == 'cpu' else 32768  # prefill is quadratic: minutes a run past this on CPU
 out_dir = 'bench_results'
 case = ''  # internal: one training case, run in a child process so its peak memory is its own
 seq_len = 0  # internal, with case
+measure = 'time'  # internal, with case: 'time' or 'memory'
 
 config = {k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, str, list))}
 configure(config, sys.argv[1:])
@@ -119,7 +121,7 @@ def _rss_kib(field):
 
 
 def run_train_case():
-    """Child process: time one training step (forward + backward) and its peak memory."""
+    """Child process: one case at one length; prints the median step time or the peak memory."""
     window, rank, impl = TRAIN_CASES[case]
     model = build(window, rank, impl, block_size=max(seq_len, GPTConfig.from_preset(preset).block_size))
     idx = torch.randint(0, model.config.vocab_size, (1, seq_len + 1), device=device)
@@ -130,35 +132,45 @@ def run_train_case():
         _, loss = model(x, y)
         loss.backward()
 
-    step()  # warm-up outside the memory mark too
+    if measure == 'time':
+        median, times = timed(step, train_repeats)
+        print(json.dumps(dict(seconds=median, times=times)))
+        return
+    step()  # warm-up outside the memory mark
     model.zero_grad(set_to_none=True)
     if device == 'cuda':
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
+        step()
+        peak = torch.cuda.max_memory_allocated() - base
     else:
         exact = _rss_reset()
         base = _rss_kib('VmRSS') * 1024
-    median, times = timed(step, train_repeats, warmup=0)
-    if device == 'cuda':
-        peak = torch.cuda.max_memory_allocated() - base
-    else:
+        step()
         peak = (_rss_kib('VmHWM') if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024 - base
-    print(json.dumps(dict(seconds=median, times=times, peak_bytes=peak, impl=model.transformer.h[0].attn.config.attn_impl)))
+    print(json.dumps(dict(peak_bytes=peak)))
+
+
+def run_child(name, T, what):
+    cmd = [sys.executable, __file__, f'--case={name}', f'--seq_len={T}', f'--measure={what}'] + \
+          [a for a in sys.argv[1:] if not a.startswith(('--section', '--case', '--seq_len', '--measure'))]
+    env = dict(os.environ)
+    if what == 'memory':
+        # glibc keeps freed blocks under its (adaptive) mmap threshold for reuse, which would hide
+        # a step's allocations from RSS; a fixed small threshold returns them to the OS. It also
+        # slows allocation-heavy code, so time is measured in a process of its own without it.
+        env['MALLOC_MMAP_THRESHOLD_'] = '65536'
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if res.returncode:
+        raise SystemExit(f"case {name} at T={T} ({what}) failed:\n{res.stderr[-3000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
 
 
 def bench_train():
     rows = []
     for T in train_seq_lens:
         for name in TRAIN_CASES:
-            cmd = [sys.executable, __file__, f'--case={name}', f'--seq_len={T}'] + \
-                  [a for a in sys.argv[1:] if not a.startswith(('--section', '--case', '--seq_len'))]
-            # glibc keeps freed blocks under its (adaptive) mmap threshold for reuse, which would
-            # hide a step's allocations from RSS; a fixed small threshold returns them to the OS.
-            env = dict(os.environ, MALLOC_MMAP_THRESHOLD_='65536')
-            res = subprocess.run(cmd, capture_output=True, text=True, env=env)
-            if res.returncode:
-                raise SystemExit(f"case {name} at T={T} failed:\n{res.stderr[-3000:]}")
-            r = json.loads(res.stdout.strip().splitlines()[-1])
+            r = {**run_child(name, T, 'time'), **run_child(name, T, 'memory')}
             rows.append(dict(T=T, case=name, **r))
             print(f"  T={T:5d} {name:16s} {r['seconds']:8.3f} s  {r['peak_bytes'] / 2**20:8.0f} MiB", flush=True)
     for r in rows:
@@ -200,7 +212,10 @@ def bench_decode():
                 cache.reset()
                 model.hidden_states(prompt, cache)
 
-            prefill_s, _ = timed(prefill, prefill_repeats, warmup=1 if ctx == decode_contexts[0] else 0)
+            prefill_tok_s = None
+            if ctx <= prefill_max_context:
+                prefill_s, _ = timed(prefill, prefill_repeats, warmup=1 if ctx == decode_contexts[0] else 0)
+                prefill_tok_s = ctx / prefill_s
             token = prompt[:, -1:]
 
             def decode():
@@ -213,11 +228,11 @@ def bench_decode():
                 - model.transformer.wte.weight.numel() * model.transformer.wte.weight.element_size()
             kv_read = model.new_cache(1, ctx, device='meta').nbytes()  # what one step reads at ctx
             steps_per_s = decode_steps / decode_s
-            rows.append(dict(context=ctx, case=name, prefill_tok_s=ctx / prefill_s, decode_tok_s=steps_per_s,
+            rows.append(dict(context=ctx, case=name, prefill_tok_s=prefill_tok_s, decode_tok_s=steps_per_s,
                              kv_bytes=kv_read, weight_bytes=weights,
                              achieved_bw=(weights + kv_read) * steps_per_s, bw_fraction=(weights + kv_read) * steps_per_s / bandwidth))
             r = rows[-1]
-            print(f"  ctx={ctx:6d} {name:10s} prefill {r['prefill_tok_s']:9.0f} tok/s  decode {r['decode_tok_s']:7.1f} tok/s"
+            print(f"  ctx={ctx:6d} {name:10s} prefill {r['prefill_tok_s'] or 0:9.0f} tok/s  decode {r['decode_tok_s']:7.1f} tok/s"
                   f"  KV {kv_read / 2**20:7.1f} MiB  bw {r['bw_fraction']:.0%}", flush=True)
             del cache
     for r in rows:
@@ -226,11 +241,12 @@ def bench_decode():
         r['kv_vs_full'] = r['kv_bytes'] / full['kv_bytes']
     print(f"\nDecode, {preset} (random weights), batch 1, W={dar_window}, r={dar_rank}, {dtype}, {machine()};"
           f" read bandwidth {bandwidth / 1e9:.1f} GB/s; median of {decode_repeats} x {decode_steps} steps,"
-          f" prefill median of {prefill_repeats}")
+          f" prefill median of {prefill_repeats}, up to {prefill_max_context} tokens")
     print("| context | case | prefill tok/s | decode tok/s | x full | KV MiB | x full | bandwidth |\n"
           "|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['context']} | {r['case']} | {r['prefill_tok_s']:.0f} | {r['decode_tok_s']:.1f} | "
+        prefill = '-' if r['prefill_tok_s'] is None else f"{r['prefill_tok_s']:.0f}"
+        print(f"| {r['context']} | {r['case']} | {prefill} | {r['decode_tok_s']:.1f} | "
               f"{r['decode_vs_full']:.2f} | {r['kv_bytes'] / 2**20:.1f} | {r['kv_vs_full']:.3f} | "
               f"{r['achieved_bw'] / 1e9:.1f} GB/s ({r['bw_fraction']:.0%}) |")
     print('wrote', save('decode', dict(machine=machine(), preset=preset, dtype=dtype, dar_window=dar_window,

@@ -285,10 +285,12 @@ def test_cache_errors_are_clear():
 # Scripts run end to end (tiny settings; the real figures come from running them by hand)
 
 
-def run_script(*args):
+def run_script(script, *args):
+    import os
     import subprocess
     import sys
-    res = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=300)
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), script)
+    res = subprocess.run([sys.executable, path, *args], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     return res.stdout
 
