@@ -36,7 +36,7 @@ decode_steps = 32  # tokens per timed decode run
 decode_repeats = 5
 prefill_repeats = 3
 prefill_max_context = 4096 if device == 'cpu' else 32768  # prefill is quadratic: minutes a run past this on CPU
-out_dir = 'bench_results'
+out_dir = 'results'
 case = ''  # internal: one training case, run in a child process so its peak memory is its own
 seq_len = 0  # internal, with case
 measure = 'time'  # internal, with case: 'time' or 'memory'

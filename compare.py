@@ -67,7 +67,12 @@ if 'seed' in train_settings:
 def train(regime, seed, run_dir, bar):
     """Run train.py for one regime and seed, echoing its output above the progress bar and to train.log."""
     settings = {**train_settings, **REGIMES[regime], 'seed': seed, 'out_dir': run_dir}
-    if os.path.exists(os.path.join(run_dir, 'ckpt.pt')):
+    ckpt_path = os.path.join(run_dir, 'ckpt.pt')
+    if os.path.exists(ckpt_path):
+        done = torch.load(ckpt_path, map_location='cpu', weights_only=True)
+        if done['iter_num'] >= settings.get('max_iters', done['config']['max_iters']):
+            bar.write(f"[{regime} seed {seed}] finished earlier: {ckpt_path}")
+            return
         settings['init_from'] = 'resume'
     launcher = [] if nproc == 1 else ['-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}']
     cmd = [sys.executable, *launcher, TRAIN_PY, *(f'--{k}={v!r}' for k, v in settings.items())]
@@ -124,12 +129,17 @@ def fmt(mean_std, digits):
 
 def write_report(runs):
     summary = {}
+    full_loss = {r['seed']: r['val_loss'] for r in runs if r['regime'] == 'full'}
     for regime in regime_names:
         rs = [r for r in runs if r['regime'] == regime]
+        # seeds move every regime together (init, data order), so the paired difference to the
+        # same seed's full-attention run is the sharper measure
+        deltas = [r['val_loss'] - full_loss[r['seed']] for r in rs if r['seed'] in full_loss]
         speeds = [r['tokens_per_sec'] for r in rs if r['tokens_per_sec'] is not None]
         summary[regime] = {
             'val_loss': mean_spread([r['val_loss'] for r in rs]),
             'perplexity': mean_spread([r['perplexity'] for r in rs]),
+            'val_loss_minus_full': mean_spread(deltas) if deltas else None,
             'tokens_per_sec': statistics.fmean(speeds) if speeds else None,
             'kv_bytes_per_token': rs[0]['kv_bytes_per_token'],
             'params': rs[0]['params'], 'dar_window': rs[0]['dar_window'], 'dar_rank': rs[0]['dar_rank'],
@@ -144,15 +154,17 @@ def write_report(runs):
         f"mean ± sample std over seeds {', '.join(map(str, seed_list))}. KV-cache bytes per token at the "
         f"training context, batch 1.",
         "",
-        "| regime | window W | rank r | val loss | perplexity | tokens/s | KV bytes/token | KV vs full | params |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| regime | window W | rank r | val loss | minus full (same seed) | perplexity | tokens/s | KV bytes/token "
+        "| KV vs full | params |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for regime, s in summary.items():
         kv_ratio = f"{s['kv_bytes_per_token'] / full_kv:.2f}" if full_kv else "-"
         speed = f"{s['tokens_per_sec']:,.0f}" if s['tokens_per_sec'] else "-"
         window = '-' if regime == 'full' else s['dar_window']
         rank = '-' if regime == 'full' else s['dar_rank']
-        lines.append(f"| {regime} | {window} | {rank} | {fmt(s['val_loss'], 4)} | {fmt(s['perplexity'], 2)} | "
+        delta = fmt(s['val_loss_minus_full'], 4) if s['val_loss_minus_full'] else '-'
+        lines.append(f"| {regime} | {window} | {rank} | {fmt(s['val_loss'], 4)} | {delta} | {fmt(s['perplexity'], 2)} | "
                      f"{speed} | {s['kv_bytes_per_token']:,.0f} | {kv_ratio} | {s['params']:,} |")
     with open(os.path.join(out_dir, 'results.md'), 'w', encoding='utf-8') as f:
         f.write('\n'.join(lines) + '\n')
@@ -161,20 +173,32 @@ def write_report(runs):
     import matplotlib
     matplotlib.use('Agg')  # files only, no display needed
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, (ax, ax_diff) = plt.subplots(1, 2, figsize=(12, 4.5))
+    band = ' (mean, band: min-max over seeds)' if len(seed_list) > 1 else ''
+    full_curves = {r['seed']: r['curve'] for r in runs if r['regime'] == 'full'}
     for regime in regime_names:
-        curves = [r['curve'] for r in runs if r['regime'] == regime]
-        iters = [it for it, _ in curves[0]]
-        per_step = list(zip(*[[loss for _, loss in c] for c in curves]))
-        line, = ax.plot(iters, [statistics.fmean(v) for v in per_step], label=regime)
-        if len(curves) > 1:
-            ax.fill_between(iters, [min(v) for v in per_step], [max(v) for v in per_step],
-                            color=line.get_color(), alpha=0.2)
-    ax.set_xlabel('iteration')
+        rs = [r for r in runs if r['regime'] == regime]
+        iters = [it for it, _ in rs[0]['curve']][1:]  # from the first eval after step 0
+        losses = [[loss for _, loss in r['curve']][1:] for r in rs]
+        panels = [(ax, losses)]
+        if full_curves:  # the same seed's full-attention loss subtracted: what the regime costs
+            diffs = [[loss - f for loss, (_, f) in zip(l, full_curves[r['seed']][1:])] for l, r in zip(losses, rs)]
+            panels.append((ax_diff, diffs))
+        for axis, curves in panels:
+            per_step = list(zip(*curves))
+            line, = axis.plot(iters, [statistics.fmean(v) for v in per_step], label=regime)
+            if len(curves) > 1:
+                axis.fill_between(iters, [min(v) for v in per_step], [max(v) for v in per_step],
+                                  color=line.get_color(), alpha=0.2)
     ax.set_ylabel('validation loss')
-    ax.set_title('validation loss' + (' (mean, band: min-max over seeds)' if len(seed_list) > 1 else ''))
-    ax.legend()
-    ax.grid(alpha=0.3)
+    ax.set_title('validation loss' + band, fontsize=10)
+    ax_diff.set_ylabel('validation loss - full attention (same seed)')
+    ax_diff.set_title('difference to full attention' + band, fontsize=10)
+    ax_diff.axhline(0, color='gray', linewidth=0.8)
+    for axis in (ax, ax_diff):
+        axis.set_xlabel('iteration')
+        axis.legend()
+        axis.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(os.path.join(out_dir, 'val_loss.png'), dpi=120)
     print(f"wrote {out_dir}/results.json, results.md, val_loss.png")
