@@ -578,7 +578,7 @@ class KVCache:
     def __init__(self, config, batch_size, max_seq_len, device, dtype):
         if max_seq_len <= 0 or batch_size <= 0:
             raise ValueError(f"batch_size and max_seq_len must be positive, got {batch_size}, {max_seq_len}")
-        self.window = None if config.regime == 'full' else config.dar_window
+        self.window = config.window
         self.batch_size, self.max_seq_len, self.length = batch_size, max_seq_len, 0
         self.device, self.dtype = torch.device(device), dtype
         L, B, H, d, r = config.n_layer, batch_size, config.n_head, config.head_dim, config.dar_rank
