@@ -10,6 +10,7 @@ Settings are the globals below, overridable as --key=value. Results: a printed t
 <out_dir>/<section>_<device>.json (plus decode_<device>.png for the decode section).
 """
 
+import functools
 import json
 import os
 import resource
@@ -21,7 +22,7 @@ import time
 import torch
 
 from configurator import configure
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, regime_settings
 
 section = 'all'  # 'train', 'decode' or 'all'
 preset = 'pythia-70m'
@@ -45,19 +46,16 @@ config = {k: v for k, v in globals().items() if not k.startswith('_') and isinst
 configure(config, sys.argv[1:])
 globals().update(config)
 
+regime = functools.partial(regime_settings, window=dar_window, rank=dar_rank)  # -> (dar_window, dar_rank)
 # name: (dar_window, dar_rank, attn_impl)
 TRAIN_CASES = {
-    'full (sdpa)': (None, None, 'sdpa'),
-    'DAR (sdpa)': (dar_window, dar_rank, 'sdpa'),
-    'DAR (fused)': (dar_window, dar_rank, 'fused'),
-    'uniform (auto)': (0, dar_rank, 'auto'),
+    'full (sdpa)': (*regime('full'), 'sdpa'),
+    'DAR (sdpa)': (*regime('dar'), 'sdpa'),
+    'DAR (fused)': (*regime('dar'), 'fused'),
+    'uniform (auto)': (*regime('uniform'), 'auto'),
 }
-DECODE_CASES = {
-    'full': (None, None),
-    'DAR': (dar_window, dar_rank),
-    'uniform': (0, dar_rank),
-    'local-only': (dar_window, 0),
-}
+DECODE_CASES = {'full': regime('full'), 'DAR': regime('dar'), 'uniform': regime('uniform'),
+                'local-only': regime('local')}
 
 
 def sync():

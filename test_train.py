@@ -8,14 +8,18 @@ import numpy as np
 import pytest
 import torch
 
+import evaluate
 import prepare
 from configurator import configure
+from data import Dataset
+from model import GPT, GPTConfig
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 # a 1-layer model on 32-token contexts, with a window of 8 so the DAR path is what trains
-TINY = ['--n_layer=1', '--n_head=2', '--n_embd=32', '--block_size=32', '--dar_window=8', '--batch_size=4',
-        '--gradient_accumulation_steps=2', '--eval_iters=2', '--log_interval=1', '--warmup_iters=2',
-        '--learning_rate=3e-3', '--device=cpu', '--dtype=float32']
+MODEL = ['--n_layer=1', '--n_head=2', '--n_embd=32', '--batch_size=4', '--gradient_accumulation_steps=2',
+         '--eval_iters=2', '--log_interval=1', '--warmup_iters=2', '--learning_rate=3e-3', '--device=cpu',
+         '--dtype=float32']
+TINY = [*MODEL, '--block_size=32', '--dar_window=8']
 
 
 def run(script, *args, cwd, nproc=1, check=True):
@@ -44,6 +48,14 @@ def shakespeare(tmp_path_factory):
     """The default dataset (embedded plays, cl100k cut to 8192), prepared once for this module."""
     out = str(tmp_path_factory.mktemp('data') / 'shakespeare')
     meta = prepare.main(['--out_dir', out])
+    return out, meta
+
+@pytest.fixture(scope='module')
+def recall(tmp_path_factory):
+    """A small recall dataset: 40-token examples, 4 pairs, every query >= 12 tokens after its key."""
+    out = str(tmp_path_factory.mktemp('data') / 'recall')
+    meta = prepare.main(['--synthetic=recall', '--out_dir', out, '--seq_len=40', '--n_pairs=4', '--min_distance=12',
+                         '--vocab_size=32', '--n_train=200', '--n_val=20', '--n_test=30'])
     return out, meta
 
 # prepare.py ---------------------------------------------------------------------------------------
@@ -213,18 +225,110 @@ def test_train_bad_settings(shakespeare, tmp_path, args, message):
                check=False)
     assert proc.returncode != 0 and message in proc.stderr and 'Traceback' not in proc.stderr
 
+# examples with a loss mask, the recall task, evaluation ---------------------------------------------
+
+
+def test_recall_data_places_every_query_beyond_min_distance(recall):
+    out, meta = recall
+    assert meta['format'] == 'examples' and meta['example_length'] == 40
+    data = Dataset(out)
+    examples = {}
+    for split in ('train', 'val', 'test'):
+        ex = np.fromfile(os.path.join(out, f'{split}.bin'), dtype=meta['dtype']).reshape(-1, 40).astype(np.int64)
+        mask = np.fromfile(os.path.join(out, f'{split}.mask.bin'), dtype=np.uint8).reshape(-1, 40)
+        assert len(ex) == meta[f'{split}_examples'] and (mask.sum(1) == 4).all()
+        for row, m in zip(ex, mask):
+            keys, values = row[0:8:2], row[1:8:2]
+            assert (1 <= keys).all() and (keys < 16).all() and (16 <= values).all() and (values < 32).all()
+            assert len(set(keys)) == 4 and len(set(values)) == 4
+            for t in np.flatnonzero(m):  # the answer follows its query; the key is >= 12 tokens back
+                j = list(keys).index(row[t - 1])
+                assert row[t] == values[j] and (t - 1) - 2 * j >= 12
+        examples[split] = ex
+        # the targets a batch counts are exactly the masked tokens
+        x, y = data.sequences(split, [0, 1], 39)
+        assert torch.equal(x, torch.from_numpy(ex[:2, :-1]))
+        assert torch.equal(y, torch.from_numpy(np.where(mask[:2, 1:] == 1, ex[:2, 1:], -1)))
+        # answer_distances recovers the key-to-query distances from the tokens
+        assert (evaluate.answer_distances(x, y) >= 12).all()
+    assert not np.array_equal(examples['train'][:20], examples['val'])
+    assert not np.array_equal(examples['val'][:20], examples['test'][:20])
+
+
+def test_recall_bad_settings(tmp_path):
+    with pytest.raises(SystemExit, match='too short'):
+        prepare.main(['--synthetic=recall', '--out_dir', str(tmp_path), '--seq_len=20', '--n_pairs=4',
+                      '--min_distance=12'])
+    with pytest.raises(SystemExit, match='raise --vocab_size'):
+        prepare.main(['--synthetic=recall', '--out_dir', str(tmp_path), '--vocab_size=8', '--n_pairs=4'])
+
+
+def test_loss_by_position_equals_per_token_losses_of_a_forward(shakespeare):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=24, vocab_size=8192, n_layer=1, n_head=2, n_embd=32, dar_window=4)).eval()
+    data = Dataset(shakespeare[0])
+    result = evaluate.evaluate(model, data, n_sequences=5, batch_size=2)
+    x, y = data.sequences('val', np.linspace(0, data.num_sequences('val', 24) - 1, 5).astype(np.int64), 24)
+    with torch.no_grad():
+        logits, _ = model(x)
+    per_token = torch.nn.functional.cross_entropy(logits.transpose(1, 2), y, reduction='none')  # (5, 24)
+    assert result['loss_by_position'] == pytest.approx(per_token.mean(0).tolist(), abs=1e-5)
+    assert result['long_context_gain'] == pytest.approx(
+        (per_token[:, 16:].mean() - per_token[:, :4].mean()).item(), abs=1e-5)
+
+
+def test_train_on_examples_takes_block_size_from_them(recall, tmp_path):
+    run('train.py', *MODEL, f'--dataset={recall[0]}', f'--out_dir={tmp_path}', '--max_iters=3',
+        '--eval_interval=3', '--dar_window=4', cwd=tmp_path)
+    ckpt = torch.load(tmp_path / 'ckpt.pt', weights_only=True)
+    assert ckpt['model_args']['block_size'] == 39 and ckpt['config']['block_size'] == 39
+    proc = run('train.py', *MODEL, f'--dataset={recall[0]}', f'--out_dir={tmp_path}', '--block_size=64', cwd=tmp_path,
+               check=False)
+    assert proc.returncode != 0 and 'block_size at most 39' in proc.stderr and 'Traceback' not in proc.stderr
+    proc = run('evaluate.py', f'--out_dir={tmp_path}', '--n_sequences=4', cwd=tmp_path)
+    assert 'recall accuracy' in proc.stdout and 'shortcut' in proc.stdout
+    assert 'recall_accuracy_by_distance' in json.loads((tmp_path / 'eval.json').read_text())['result']
+
 # compare.py ---------------------------------------------------------------------------------------
 
 
+COMPARE = [*MODEL, '--block_size=32', '--max_iters=2', '--eval_interval=1', '--eval_sequences=8']
+
+
 def test_compare_smoke(shakespeare, tmp_path):
-    run('compare.py', *TINY, f'--dataset={shakespeare[0]}', f'--out_dir={tmp_path}', '--regimes=full,dar,local',
-        '--max_iters=2', '--eval_interval=1', '--seeds=1,2', cwd=tmp_path)
+    run('compare.py', *COMPARE, f'--dataset={shakespeare[0]}', f'--out_dir={tmp_path}', '--regimes=full,dar,local',
+        '--dar_windows=4', '--seeds=1,2', cwd=tmp_path)
     results = json.loads((tmp_path / 'results.json').read_text())
     summary = results['summary']
-    assert list(summary) == ['full', 'dar', 'local'] and len(results['runs']) == 6
+    assert list(summary) == ['full', 'dar-W4', 'local-W4'] and len(results['runs']) == 6
     # the cache holds W full tokens + (T - W) rank-4 latents, out of T full ones (head_dim 16, rank 4)
-    assert summary['dar']['kv_bytes_per_token'] / summary['full']['kv_bytes_per_token'] == (8 * 16 + 24 * 4) / (32 * 16)
-    assert summary['local']['kv_bytes_per_token'] / summary['full']['kv_bytes_per_token'] == 8 / 32
+    full_kv = summary['full']['kv_bytes_per_token']
+    assert summary['dar-W4']['kv_bytes_per_token'] / full_kv == (4 * 16 + 28 * 4) / (32 * 16)
+    assert summary['local-W4']['kv_bytes_per_token'] / full_kv == 4 / 32
     assert summary['full']['val_loss'][1] is not None  # a spread over the two seeds
-    assert '| dar | 8 | 4 |' in (tmp_path / 'results.md').read_text()
-    assert (tmp_path / 'val_loss.png').stat().st_size > 0
+    for r in results['runs']:  # evaluated: one loss per position, the gain against W = 4 (block 32 > 4W)
+        assert len(r['loss_by_position']) == 32 and all(v > 0 for v in r['loss_by_position'])
+        assert r['long_context_gain'] is not None
+    assert '| dar | 4 | 4 |' in (tmp_path / 'results.md').read_text()
+    for png in ('val_loss.png', 'loss_by_position.png', 'memory_quality.png'):
+        assert (tmp_path / png).stat().st_size > 0
+
+
+def test_compare_sweep_never_reuses_other_settings(recall, tmp_path):
+    common = [*MODEL, f'--dataset={recall[0]}', f'--out_dir={tmp_path}', '--max_iters=1', '--eval_interval=1',
+              '--eval_sequences=4', '--regimes=dar,uniform', '--dar_windows=4']
+    run('compare.py', *common, '--dar_ranks=2,4', cwd=tmp_path)
+    results = json.loads((tmp_path / 'results.json').read_text())
+    assert list(results['summary']) == ['dar-W4-r2', 'dar-W4-r4', 'uniform-r2', 'uniform-r4']
+    assert [r['dar_rank'] for r in results['runs']] == [2, 4, 2, 4]
+    recall_run = results['runs'][0]
+    assert 0 <= recall_run['recall_accuracy'] <= 1 and recall_run['recall_accuracy_by_distance']
+    # the same grid again reuses the finished runs ...
+    again = run('compare.py', *common, '--dar_ranks=2,4', cwd=tmp_path)
+    assert again.stdout.count('finished earlier') == 4
+    # ... but other training settings into the same out_dir are refused, naming the difference
+    proc = run('compare.py', *common, '--dar_ranks=2', '--learning_rate=5e-2', cwd=tmp_path, check=False)
+    assert proc.returncode != 0 and 'learning_rate' in proc.stderr and 'another --out_dir' in proc.stderr
+    assert 'Traceback' not in proc.stderr
+    proc = run('compare.py', *common, '--dar_rank=2', cwd=tmp_path, check=False)
+    assert proc.returncode != 0 and '--dar_ranks' in proc.stderr

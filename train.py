@@ -26,6 +26,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from configurator import configure
+from data import Dataset
 from model import GPT, GPTConfig
 
 # -----------------------------------------------------------------------------
@@ -38,7 +39,7 @@ log_interval = 10
 # data
 dataset = 'shakespeare'  # a folder written by prepare.py: data/<dataset>, or an absolute path
 batch_size = 8  # sequences per micro-batch, per process
-block_size = 256
+block_size = None  # None: 256 on a token stream, the whole example on an examples dataset
 gradient_accumulation_steps = 2  # micro-batches per iteration, summed over all processes
 # model: a preset's shape; n_layer, n_head, n_embd replace the preset's when set
 preset = 'tiny'
@@ -73,7 +74,7 @@ globals().update(config)
 # -----------------------------------------------------------------------------
 
 for key in ('eval_interval', 'eval_iters', 'log_interval', 'batch_size', 'block_size', 'gradient_accumulation_steps'):
-    if config[key] < 1:
+    if config[key] is not None and config[key] < 1:
         raise SystemExit(f"{key} must be at least 1, got {config[key]}")
 if seed < 0:
     raise SystemExit(f"seed must be at least 0, got {seed}")
@@ -87,6 +88,11 @@ if device_type == 'cuda' and not torch.cuda.is_available():
 if device_type == 'cpu' and dtype != 'float32':
     raise SystemExit("bfloat16 autocast is used on CUDA only; on CPU use --dtype=float32")
 lr_decay_iters = max_iters if lr_decay_iters is None else lr_decay_iters
+data = Dataset(os.path.join('data', dataset))
+if block_size is None:
+    block_size = config['block_size'] = data.default_block_size() or 256
+for split in ('train', 'val'):
+    data.check(split, block_size)
 
 ddp = 'RANK' in os.environ  # set by torchrun
 if ddp:
@@ -114,24 +120,6 @@ if device_type == 'cuda':
 autocast = nullcontext() if dtype == 'float32' else torch.autocast(device_type, dtype=torch.bfloat16)
 
 # data -------------------------------------------------------------------------
-data_dir = os.path.join('data', dataset)
-meta_path = os.path.join(data_dir, 'meta.json')
-if not os.path.exists(meta_path):
-    raise SystemExit(f"{meta_path} not found: prepare the dataset first (python prepare.py; see its --help)")
-with open(meta_path, encoding='utf-8') as f:
-    meta = json.load(f)
-
-
-def tokens(split):
-    # a fresh memmap per batch: a long-lived one keeps every page read in memory (nanoGPT)
-    return np.memmap(os.path.join(data_dir, f'{split}.bin'), dtype=meta['dtype'], mode='r')
-
-
-for split in ('train', 'val'):
-    if len(tokens(split)) <= block_size:
-        raise SystemExit(f"{data_dir}/{split}.bin has {len(tokens(split))} tokens, too few for block_size "
-                         f"{block_size}; lower block_size or prepare more data")
-
 # Batch positions come from a generator seeded by the batch's coordinates, never from a
 # running RNG: so resuming at iteration i replays the uninterrupted stream, and the global
 # batch of an iteration is the same for any number of processes.
@@ -139,10 +127,7 @@ TRAIN_STREAM, EVAL_STREAM = 0, 1
 
 
 def get_batch(split, *coordinates):
-    data = tokens(split)
-    ix = np.random.default_rng((seed, *coordinates)).integers(len(data) - block_size, size=batch_size)
-    x = torch.from_numpy(np.stack([data[i:i + block_size] for i in ix]).astype(np.int64))
-    y = torch.from_numpy(np.stack([data[i + 1:i + 1 + block_size] for i in ix]).astype(np.int64))
+    x, y = data.random_batch(split, block_size, batch_size, np.random.default_rng((seed, *coordinates)))
     if device_type == 'cuda':
         return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
     return x, y
@@ -151,7 +136,7 @@ def get_batch(split, *coordinates):
 MODEL_KEYS = ('n_layer', 'n_head', 'n_embd', 'dar_window', 'dar_rank', 'attn_impl', 'rotary_pct', 'parallel_residual')
 overrides = {k: config[k] for k in MODEL_KEYS if config[k] is not None}
 try:
-    model_config = GPTConfig.from_preset(preset, **overrides, block_size=block_size, vocab_size=meta['vocab_size'])
+    model_config = GPTConfig.from_preset(preset, **overrides, block_size=block_size, vocab_size=data.vocab_size)
 except ValueError as e:
     raise SystemExit(f"model settings: {e}")
 model_args = dataclasses.asdict(model_config)

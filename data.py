@@ -1,0 +1,98 @@
+"""
+Reading what prepare.py wrote, for train.py and evaluate.py. Two layouts, told apart by
+meta.json's 'format':
+
+    stream     <split>.bin: one long token stream; a training sequence is any window of it.
+    examples   <split>.bin: N fixed-length examples back to back (meta 'example_length' = L),
+               <split>.mask.bin: one uint8 per token, 1 where that token is a target the loss
+               counts (e.g. the answers of the recall task, the response of an SFT pair).
+               A training sequence is one whole example: inputs ex[:-1], targets ex[1:].
+
+Either way a batch is (x, y) of int64, y = -1 where the loss does not count (cross_entropy's
+ignore_index in model.py).
+"""
+import json
+import os
+
+import numpy as np
+import torch
+
+IGNORE = -1  # the target id the loss skips (model.GPT.forward's ignore_index)
+
+
+class Dataset:
+    """The prepared dataset in data_dir: its meta.json and memmaps of its splits."""
+
+    def __init__(self, data_dir):
+        self.dir = data_dir
+        meta_path = os.path.join(data_dir, 'meta.json')
+        if not os.path.exists(meta_path):
+            raise SystemExit(f"{meta_path} not found: prepare the dataset first (python prepare.py; see its --help)")
+        with open(meta_path, encoding='utf-8') as f:
+            self.meta = json.load(f)
+        self.format = self.meta.get('format', 'stream')
+        self.example_length = self.meta.get('example_length')
+
+    @property
+    def vocab_size(self):
+        return self.meta['vocab_size']
+
+    def default_block_size(self):
+        """Examples fix the context (a whole example); a stream leaves it to the caller."""
+        return None if self.format == 'stream' else self.example_length - 1
+
+    def tokens(self, split):
+        # a fresh memmap per batch: a long-lived one keeps every page read in memory (nanoGPT)
+        return np.memmap(os.path.join(self.dir, f'{split}.bin'), dtype=self.meta['dtype'], mode='r')
+
+    def _mask(self, split):
+        return np.memmap(os.path.join(self.dir, f'{split}.mask.bin'), dtype=np.uint8, mode='r')
+
+    def num_sequences(self, split, block_size):
+        """How many distinct sequences of block_size (+1 target) the split holds."""
+        if self.format == 'stream':
+            return len(self.tokens(split)) - block_size
+        return len(self.tokens(split)) // self.example_length
+
+    def check(self, split, block_size):
+        """A clear error when the split cannot give sequences of block_size."""
+        if self.format == 'stream':
+            if len(self.tokens(split)) <= block_size:
+                raise SystemExit(f"{self.dir}/{split}.bin has {len(self.tokens(split))} tokens, too few for "
+                                 f"block_size {block_size}; lower block_size or prepare more data")
+        elif block_size > self.example_length - 1:
+            raise SystemExit(f"block_size {block_size} is longer than this dataset's examples allow "
+                             f"({self.example_length} tokens: block_size at most {self.example_length - 1}); "
+                             "leave block_size unset to use whole examples")
+        elif self.num_sequences(split, block_size) == 0:
+            raise SystemExit(f"{self.dir}/{split}.bin holds no example; prepare the dataset again")
+
+    def sequences(self, split, starts, block_size):
+        """(x, y) for the sequences starting at `starts` (token offsets of a stream, or example
+        indices); an example longer than block_size + 1 is cut to its first block_size + 1 tokens."""
+        data = self.tokens(split)
+        if self.format == 'stream':
+            rows = np.stack([data[i:i + block_size + 1] for i in starts]).astype(np.int64)
+            x, y = rows[:, :-1], rows[:, 1:]
+        else:
+            L, mask = self.example_length, self._mask(split)
+            rows = np.stack([data[i * L:i * L + block_size + 1] for i in starts]).astype(np.int64)
+            keep = np.stack([mask[i * L + 1:i * L + block_size + 1] for i in starts]).astype(bool)
+            x, y = rows[:, :-1], np.where(keep, rows[:, 1:], IGNORE)
+        return torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.ascontiguousarray(y))
+
+    def random_batch(self, split, block_size, batch_size, rng):
+        """batch_size sequences drawn with numpy Generator rng."""
+        return self.sequences(split, rng.integers(self.num_sequences(split, block_size), size=batch_size),
+                              block_size)
+
+    def fixed_batches(self, split, block_size, n_sequences, batch_size):
+        """The same n_sequences (evenly spaced over the split, or all there are) for every model,
+        in batches: what loss-by-position and recall accuracy are measured on."""
+        total = self.num_sequences(split, block_size)
+        if self.format == 'stream':
+            starts = np.linspace(0, total - 1, min(n_sequences, total)).astype(np.int64)
+        else:
+            starts = np.arange(min(n_sequences, total))
+        for i in range(0, len(starts), batch_size):
+            yield self.sequences(split, starts[i:i + batch_size], block_size)

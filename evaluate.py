@@ -1,0 +1,196 @@
+"""
+What a trained run does with distant context, measured on fixed sequences (the same ones for
+every run of a dataset):
+
+    python evaluate.py --out_dir=out-dar                 # its checkpoint, on its own dataset
+    python evaluate.py --out_dir=out-full --window=64    # the long-context gain against W = 64
+
+- loss by position: the mean loss at every position of the context over n_sequences fixed
+  validation sequences. A model that uses tokens more than W back keeps improving past W.
+- long-context gain: mean loss at positions >= 4W minus mean loss at positions < W (negative:
+  the model gains from long context). W is the run's window unless --window is given.
+- on a recall dataset (prepare.py --synthetic=recall): recall accuracy on the test split
+  (argmax at the answers), overall and by key-to-query distance, next to chance and the
+  shortcut of a model that never binds keys to values.
+
+Writes <out_dir>/eval.json and <out_dir>/loss_by_position.png. compare.py runs the same
+functions for every run of a comparison.
+"""
+import json
+import math
+import os
+import sys
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from configurator import configure
+from data import IGNORE, Dataset
+from model import GPT, GPTConfig
+
+DISTANCE_BUCKETS = 4  # recall accuracy by key-to-query distance: equal-width buckets
+
+
+def load_run(out_dir, device='cpu'):
+    """(model in eval mode, checkpoint dict) of out_dir/ckpt.pt."""
+    path = os.path.join(out_dir, 'ckpt.pt')
+    if not os.path.exists(path):
+        raise SystemExit(f"{path} not found: train a model first (python train.py --out_dir={out_dir})")
+    ckpt = torch.load(path, map_location=device, weights_only=True)
+    model = GPT(GPTConfig(**ckpt['model_args']))
+    model.load_state_dict(ckpt['model'])
+    return model.to(device).eval(), ckpt
+
+
+def token_losses(model, x, y):
+    """(logits, per-token loss) of a forward over x; the loss is nan where y is IGNORE."""
+    logits, _ = model(x)
+    loss = F.cross_entropy(logits.float().transpose(1, 2), y, ignore_index=IGNORE, reduction='none')
+    return logits, loss.masked_fill(y == IGNORE, float('nan'))
+
+
+def long_context_gain(loss_by_position, window):
+    """mean loss at positions >= 4W minus mean loss at positions < W; None where undefined."""
+    if not window or len(loss_by_position) <= 4 * window:
+        return None
+    near = [v for v in loss_by_position[:window] if v is not None]
+    far = [v for v in loss_by_position[4 * window:] if v is not None]
+    return float(np.mean(far) - np.mean(near)) if near and far else None
+
+
+def recall_baselines(n_pairs, n_values):
+    """Chance (a uniform guess among the values), and the shortcut: a model that never binds a
+    key to its value but guesses among the values not yet asked for gets query j (of P) right
+    with probability 1 / (P - j)."""
+    return {'chance': 1 / n_values, 'shortcut': float(np.mean([1 / (n_pairs - j) for j in range(n_pairs)]))}
+
+
+def answer_distances(x, y):
+    """Key-to-query distance of every answer (y != IGNORE), in the order of y's nonzero():
+    the query key is the input token at the answer's position, its key the first earlier
+    occurrence of that token."""
+    b, t = (y != IGNORE).nonzero(as_tuple=True)
+    same = x[b] == x[b, t][:, None]  # (answers, T)
+    return t - same.int().argmax(dim=1)
+
+
+@torch.no_grad()
+def evaluate(model, data, n_sequences=128, batch_size=8, window=None, autocast=nullcontext()):
+    """Loss by position on data's val split, long-context gain, and on a recall dataset the
+    recall accuracy on its test split. Returns a dict for results.json."""
+    block_size, device = model.config.block_size, next(model.parameters()).device
+    window = model.config.window if window is None else window
+    sums, counts = torch.zeros(block_size, dtype=torch.float64), torch.zeros(block_size, dtype=torch.float64)
+    for x, y in data.fixed_batches('val', block_size, n_sequences, batch_size):
+        with autocast:
+            _, loss = token_losses(model, x.to(device), y.to(device))
+        counted = ~loss.isnan()
+        sums += loss.nan_to_num().sum(0).double().cpu()
+        counts += counted.sum(0).double().cpu()
+    by_position = [s / c if c else None for s, c in zip(sums.tolist(), counts.tolist())]
+    result = {'loss_by_position': by_position, 'long_context_window': window,
+              'long_context_gain': long_context_gain(by_position, window)}
+    task = data.meta.get('task') or {}
+    if task.get('name') == 'recall':
+        result.update(recall_accuracy(model, data, task, block_size, batch_size, autocast))
+    return result
+
+
+def recall_accuracy(model, data, task, block_size, batch_size, autocast):
+    device = next(model.parameters()).device
+    correct, distances = [], []
+    for x, y in data.fixed_batches('test', block_size, data.meta['test_examples'], batch_size):
+        x, y = x.to(device), y.to(device)
+        with autocast:
+            logits, _ = model(x)
+        answers = y != IGNORE
+        correct.append((logits.argmax(-1)[answers] == y[answers]).cpu())
+        distances.append(answer_distances(x, y).cpu())
+    correct, distances = torch.cat(correct).float(), torch.cat(distances)
+    lo, hi = task['min_distance'], block_size
+    edges = np.unique(np.linspace(lo, hi, DISTANCE_BUCKETS + 1).round().astype(int))
+    by_distance = {}
+    for a, b in zip(edges[:-1], edges[1:]):
+        inside = (distances >= a) & (distances < b)
+        if inside.any():
+            by_distance[f'{a}-{b - 1}'] = correct[inside].mean().item()
+    n_values = task['value_ids'][1] - task['value_ids'][0]
+    return {'recall_accuracy': correct.mean().item(), 'recall_accuracy_by_distance': by_distance,
+            'recall_answers': len(correct), **{f'recall_{k}': v for k, v in
+                                               recall_baselines(task['n_pairs'], n_values).items()}}
+
+
+def plot_loss_by_position(curves, window, path, title):
+    """curves: {label: (mean per position, optional (low, high) band)}; log-scaled positions."""
+    import matplotlib
+    matplotlib.use('Agg')  # files only, no display needed
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, (mean, band) in curves.items():
+        pos = [i + 1 for i, v in enumerate(mean) if v is not None]  # tokens of context seen
+        line, = ax.plot(pos, [v for v in mean if v is not None], label=label, linewidth=1.2)
+        if band is not None:
+            ax.fill_between(pos, *[[v for v in b if v is not None] for b in band], color=line.get_color(), alpha=0.2)
+    if window:
+        ax.axvline(window, color='gray', linestyle='--', linewidth=0.8)
+        ax.text(window, ax.get_ylim()[1], f' W={window}', va='top', fontsize=9, color='gray')
+    ax.set_xscale('log')
+    ax.set_xlabel('position in the context (tokens seen, log scale)')
+    ax.set_ylabel('mean validation loss')
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def evaluate_run(run_dir, dataset=None, n_sequences=128, batch_size=8, window=None, device='cpu'):
+    """evaluate() on run_dir's checkpoint; kept in run_dir/eval.json and reused while the
+    checkpoint and the settings are the same."""
+    model, ckpt = load_run(run_dir, device)
+    dataset = dataset or ckpt['config']['dataset']
+    key = {'iter_num': ckpt['iter_num'], 'dataset': dataset, 'n_sequences': n_sequences, 'window': window}
+    path = os.path.join(run_dir, 'eval.json')
+    if os.path.exists(path):
+        with open(path, encoding='utf-8') as f:
+            cached = json.load(f)
+        if cached.get('key') == key:
+            return cached['result']
+    autocast = nullcontext()
+    if device.startswith('cuda') and ckpt['config']['dtype'] == 'bfloat16':
+        autocast = torch.autocast('cuda', dtype=torch.bfloat16)
+    result = evaluate(model, Dataset(os.path.join('data', dataset)), n_sequences, batch_size, window, autocast)
+    with open(path + '.tmp', 'w', encoding='utf-8') as f:
+        json.dump({'key': key, 'result': result}, f)
+    os.replace(path + '.tmp', path)
+    return result
+
+
+def main():
+    settings = dict(out_dir='out', dataset='', n_sequences=128, batch_size=8, window=None,
+                    device='cuda' if torch.cuda.is_available() else 'cpu')
+    configure(settings, sys.argv[1:])
+    result = evaluate_run(settings['out_dir'], settings['dataset'] or None, settings['n_sequences'],
+                          settings['batch_size'], settings['window'], settings['device'])
+    window = result['long_context_window']
+    curve = result['loss_by_position']
+    print(f"loss by position ({settings['out_dir']}): first {curve[0]:.4f}, last {curve[-1]:.4f}"
+          if curve[0] is not None and curve[-1] is not None else "loss by position: see eval.json")
+    gain = result['long_context_gain']
+    print(f"long-context gain (mean loss at >= 4W minus < W, W={window}): "
+          + (f"{gain:+.4f}" if gain is not None else "undefined (needs a window and block_size > 4W)"))
+    if 'recall_accuracy' in result:
+        print(f"recall accuracy {result['recall_accuracy']:.3f} over {result['recall_answers']} answers "
+              f"(chance {result['recall_chance']:.3f}, shortcut without binding {result['recall_shortcut']:.3f})")
+        for bucket, acc in result['recall_accuracy_by_distance'].items():
+            print(f"  distance {bucket}: {acc:.3f}")
+    plot_loss_by_position({settings['out_dir']: (curve, None)}, window,
+                          os.path.join(settings['out_dir'], 'loss_by_position.png'), 'loss by position')
+    print(f"wrote {settings['out_dir']}/eval.json, loss_by_position.png")
+
+
+if __name__ == '__main__':
+    main()
