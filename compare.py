@@ -12,7 +12,8 @@ order and step budget, measure what each does with distant context, then tabulat
     local     dar_window=W, dar_rank=0          sliding window: does long-range memory matter at all?
 
 --dar_windows and --dar_ranks take comma-separated lists: dar runs for every (W, r) of the
-grid, uniform for every r, local for every W, full once, each with every seed. The settings
+grid, uniform for every r, local for every W, full once, each with every seed (dar_window and
+dar_rank, as a config file shared with train.py sets them, count as one-item lists). The settings
 below are compare.py's own; every other one (in config files or --key=value) goes to
 train.py for every run. Each run lives in <out_dir>/<name>-seed<seed>/ (e.g. dar-W16-r8);
 running the same command again continues unfinished runs from their checkpoints, and a run
@@ -65,7 +66,14 @@ def int_list(name, text):
 regime_names = regimes.split(',')
 if unknown := [r for r in regime_names if r not in REGIMES]:
     raise SystemExit(f"unknown regime(s) {', '.join(unknown)}; choose from {', '.join(REGIMES)}")
-window_list, rank_list = int_list('dar_windows', dar_windows), int_list('dar_ranks', dar_ranks)
+# A single dar_window / dar_rank (what a config file shared with train.py sets) is a one-item list.
+for single, plural in (('dar_window', 'dar_windows'), ('dar_rank', 'dar_ranks')):
+    if single in train_settings:
+        if config[plural]:
+            raise SystemExit(f"both {single} and {plural} are set; give the values as --{plural} only")
+        value = train_settings.pop(single)
+        config[plural] = '' if value is None else str(value)
+window_list, rank_list = int_list('dar_windows', config['dar_windows']), int_list('dar_ranks', config['dar_ranks'])
 seed_list = int_list('seeds', seeds)
 if {'dar', 'local'} & set(regime_names) and (not window_list or min(window_list) <= 0):
     raise SystemExit("the dar and local regimes need a window: set dar_windows (e.g. --dar_windows=64 or 16,32,64)")
@@ -73,9 +81,8 @@ if nproc < 1:
     raise SystemExit(f"nproc must be at least 1, got {nproc}")
 if not seed_list:
     raise SystemExit("seeds is empty: give at least one (e.g. --seeds=1337,1338)")
-for key, instead in (('seed', 'seeds'), ('dar_window', 'dar_windows'), ('dar_rank', 'dar_ranks')):
-    if key in train_settings:
-        raise SystemExit(f"compare.py sets each run's {key}: use --{instead} (e.g. --{instead}=64 or a list)")
+if 'seed' in train_settings:
+    raise SystemExit("compare.py sets each run's seed: use --seeds (e.g. --seeds=1337,1338)")
 runs = [Run(setting, seed) for seed in seed_list for setting in regime_grid(regime_names, window_list, rank_list)]
 reference_window = min(window_list) if window_list else None  # W of the long-context gain, for every run
 

@@ -37,6 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 ATTN_IMPLS = ('auto', 'sdpa', 'fused', 'naive')
+DAR_MAPS = ('free', 'tied')
 
 # Model shapes. The Pythia ones follow EleutherAI's configs (50,304 = GPT-NeoX's padded vocab).
 PRESETS = {
@@ -56,6 +57,7 @@ class GPTConfig:
     n_embd: int = 128
     dar_window: Optional[int] = None  # W; None or >= block_size: full attention
     dar_rank: Optional[int] = None  # r per head; None: head_dim // 4; 0: local-only
+    dar_maps: str = 'free'  # 'free': learned down and up maps; 'tied': up = down^T (see DARAttention)
     attn_impl: str = 'auto'
     rotary_pct: float = 0.25  # fraction of each head's dims that get the rotary embedding
     rotary_base: float = 10000.0
@@ -70,6 +72,8 @@ class GPTConfig:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if self.dar_maps not in DAR_MAPS:
+            raise ValueError(f"dar_maps must be one of {DAR_MAPS}, got {self.dar_maps!r}")
         if self.attn_impl not in ATTN_IMPLS:
             raise ValueError(f"attn_impl must be one of {ATTN_IMPLS}, got {self.attn_impl!r}")
         if not 0.0 <= self.rotary_pct <= 1.0:
@@ -394,12 +398,20 @@ class DARAttention(nn.Module):
         if config.has_latents:
             H, d, r = config.n_head, config.head_dim, config.dar_rank
             self.down_k = nn.Parameter(torch.empty(H, d, r))
-            self.up_k = nn.Parameter(torch.empty(H, r, d))
             self.down_v = nn.Parameter(torch.empty(H, d, r))
-            self.up_v = nn.Parameter(torch.empty(H, r, d))
+            if config.dar_maps == 'free':
+                self.up_k = nn.Parameter(torch.empty(H, r, d))
+                self.up_v = nn.Parameter(torch.empty(H, r, d))
 
     def latent_maps(self):
-        return (self.down_k, self.up_k, self.down_v, self.up_v) if self.config.has_latents else None
+        """(down_k, up_k, down_v, up_v), or None without latents. 'tied' maps read a distant key
+        back as its projection onto the span of down_k (a subspace the training moves) rather than
+        through a second, free matrix."""
+        if not self.config.has_latents:
+            return None
+        if self.config.dar_maps == 'tied':
+            return self.down_k, self.down_k.transpose(-2, -1), self.down_v, self.down_v.transpose(-2, -1)
+        return self.down_k, self.up_k, self.down_v, self.up_v
 
     def forward(self, x, cos, sin, cache=None):
         B, T, C = x.shape
@@ -468,7 +480,8 @@ class GPT(nn.Module):
                 for down, up in ((down_k, up_k), (down_v, up_v)):
                     with torch.no_grad():
                         down.copy_(torch.linalg.qr(torch.randn(down.shape))[0])
-                        up.copy_(down.transpose(-2, -1))
+                        if config.dar_maps == 'free':
+                            up.copy_(down.transpose(-2, -1))
 
     @staticmethod
     def _init_weights(module):

@@ -24,7 +24,7 @@ def small_config(regime, **kw):
 def make_model(regime, seed=0, **kw):
     torch.manual_seed(seed)
     m = GPT(small_config(regime, **kw))
-    if m.config.has_latents:  # move the up maps off U = A^T so the latent path is exercised in general
+    if m.config.has_latents and m.config.dar_maps == 'free':  # move the up maps off U = A^T: the general case
         with torch.no_grad():
             for block in m.transformer.h:
                 block.attn.up_k.add_(0.3 * torch.randn_like(block.attn.up_k))
@@ -70,6 +70,21 @@ def test_paths_agree_forward_and_backward(regime, T):
         assert ref_grads['transformer.h.0.attn.up_k'].abs().max() > 0
 
 
+def test_tied_maps_paths_agree_and_train_the_down_map():
+    m = make_model('dar', dar_maps='tied')
+    assert not hasattr(m.transformer.h[0].attn, 'up_k')
+    down_k, up_k, _, _ = m.transformer.h[0].attn.latent_maps()
+    assert torch.equal(up_k, down_k.transpose(-2, -1))
+    idx = torch.randint(0, 97, (2, 43), generator=torch.Generator().manual_seed(4))
+    ref_logits, ref_grads = logits_and_grads(m, idx, 'naive')
+    for impl in ('sdpa', 'fused'):
+        logits, grads = logits_and_grads(m, idx, impl)
+        assert rel_err(logits, ref_logits) < 1e-5
+        for name, g in ref_grads.items():
+            assert rel_err(grads[name], g) < 1e-5, (impl, name)
+    assert ref_grads['transformer.h.0.attn.down_k'].abs().max() > 0
+
+
 def reference_attention(q, k, v, allowed):
     s = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
     return torch.softmax(s.masked_fill(~allowed, float('-inf')), -1) @ v
@@ -86,12 +101,13 @@ def test_full_is_causal_and_local_is_sliding_window(impl):
     torch.testing.assert_close(attn(q, k, v, 5, None), reference_attention(q, k, v, (dist >= 0) & (dist < 5)))
 
 
+@pytest.mark.parametrize('maps', model.DAR_MAPS)
 @pytest.mark.parametrize('regime', ['dar', 'uniform'])
-def test_full_rank_latents_reproduce_full_attention(regime):
+def test_full_rank_latents_reproduce_full_attention(regime, maps):
     # With r = d, the initial A is orthogonal and U = A^T, so a distant key/value is rebuilt
     # exactly: DAR and uniform must then equal full attention on the same weights.
     full = make_model('full')
-    reduced = GPT(small_config(regime, dar_rank=full.config.head_dim))
+    reduced = GPT(small_config(regime, dar_rank=full.config.head_dim, dar_maps=maps))
     missing, unexpected = reduced.load_state_dict(full.state_dict(), strict=False)
     assert not unexpected and all(('down_' in n or 'up_' in n) for n in missing)
     idx = torch.randint(0, 97, (2, 40))

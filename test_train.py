@@ -297,7 +297,7 @@ COMPARE = [*MODEL, '--block_size=32', '--max_iters=2', '--eval_interval=1', '--e
 
 def test_compare_smoke(shakespeare, tmp_path):
     run('compare.py', *COMPARE, f'--dataset={shakespeare[0]}', f'--out_dir={tmp_path}', '--regimes=full,dar,local',
-        '--dar_windows=4', '--seeds=1,2', cwd=tmp_path)
+        '--dar_window=4', '--seeds=1,2', cwd=tmp_path)  # a single W, as a config shared with train.py gives it
     results = json.loads((tmp_path / 'results.json').read_text())
     summary = results['summary']
     assert list(summary) == ['full', 'dar-W4', 'local-W4'] and len(results['runs']) == 6
@@ -330,5 +330,5 @@ def test_compare_sweep_never_reuses_other_settings(recall, tmp_path):
     proc = run('compare.py', *common, '--dar_ranks=2', '--learning_rate=5e-2', cwd=tmp_path, check=False)
     assert proc.returncode != 0 and 'learning_rate' in proc.stderr and 'another --out_dir' in proc.stderr
     assert 'Traceback' not in proc.stderr
-    proc = run('compare.py', *common, '--dar_rank=2', cwd=tmp_path, check=False)
-    assert proc.returncode != 0 and '--dar_ranks' in proc.stderr
+    proc = run('compare.py', *common, '--dar_rank=2', '--dar_ranks=2,4', cwd=tmp_path, check=False)
+    assert proc.returncode != 0 and 'give the values as --dar_ranks' in proc.stderr

@@ -48,6 +48,7 @@ n_head = None
 n_embd = None
 dar_window = None  # W: tokens this close keep full-dim keys/values; None: full attention
 dar_rank = None  # r: dims of the distant tokens' latents; None: head_dim // 4; 0: drop them
+dar_maps = 'free'  # 'free': learned down and up maps; 'tied': up = down^T (model.DARAttention.latent_maps)
 attn_impl = 'auto'
 rotary_pct = 0.25
 parallel_residual = True
@@ -133,7 +134,7 @@ def get_batch(split, *coordinates):
     return x, y
 
 # model ------------------------------------------------------------------------
-MODEL_KEYS = ('n_layer', 'n_head', 'n_embd', 'dar_window', 'dar_rank', 'attn_impl', 'rotary_pct', 'parallel_residual')
+MODEL_KEYS = ('n_layer', 'n_head', 'n_embd', 'dar_window', 'dar_rank', 'dar_maps', 'attn_impl', 'rotary_pct', 'parallel_residual')
 overrides = {k: config[k] for k in MODEL_KEYS if config[k] is not None}
 try:
     model_config = GPTConfig.from_preset(preset, **overrides, block_size=block_size, vocab_size=data.vocab_size)
