@@ -325,7 +325,8 @@ def plot_memory_quality(summary, first):
     if metric == 'recall_accuracy':
         for key, style in (('recall_shortcut', ':'), ('recall_chance', '--')):
             ax.axhline(first[key], color='gray', linestyle=style, linewidth=0.8)
-            ax.text(ax.get_xlim()[0], first[key], f" {key.split('_')[1]}", va='bottom', fontsize=8, color='gray')
+            ax.text(0.99, first[key], key.split('_')[1], transform=ax.get_yaxis_transform(), ha='right',
+                    va='bottom', fontsize=8, color='gray')
     ax.set_xscale('log')
     ax.set_xlabel('KV-cache bytes per token at the training context (log scale)')
     ax.set_ylabel('recall accuracy (test)' if metric == 'recall_accuracy' else 'final validation loss')

@@ -128,9 +128,10 @@ def plot_loss_by_position(curves, window, path, title):
     matplotlib.use('Agg')  # files only, no display needed
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for label, (mean, band) in curves.items():
+    colors = plt.cm.tab20.colors if len(curves) > 10 else plt.cm.tab10.colors  # no colour used twice
+    for (label, (mean, band)), color in zip(curves.items(), colors):
         pos = [i + 1 for i, v in enumerate(mean) if v is not None]  # tokens of context seen
-        line, = ax.plot(pos, [v for v in mean if v is not None], label=label, linewidth=1.2)
+        line, = ax.plot(pos, [v for v in mean if v is not None], label=label, linewidth=1.2, color=color)
         if band is not None:
             ax.fill_between(pos, *[[v for v in b if v is not None] for b in band], color=line.get_color(), alpha=0.2)
     if window:
@@ -141,7 +142,7 @@ def plot_loss_by_position(curves, window, path, title):
     ax.set_ylabel('mean validation loss')
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

