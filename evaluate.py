@@ -17,7 +17,6 @@ Writes <out_dir>/eval.json and <out_dir>/loss_by_position.png. compare.py runs t
 functions for every run of a comparison.
 """
 import json
-import math
 import os
 import sys
 from contextlib import nullcontext

@@ -5,7 +5,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import model
 from model import GPT, GPTConfig, KVCache
