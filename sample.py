@@ -18,6 +18,7 @@ import torch
 from configurator import configure
 from model import GPT, GPTConfig
 from prepare import load_tokenizer
+from storage import load_checkpoint
 
 init_from = 'resume'  # 'resume' (out_dir/ckpt.pt) or a preset name for random weights
 out_dir = 'out'
@@ -44,7 +45,7 @@ if init_from == 'resume':
     if not os.path.exists(ckpt_path):
         raise SystemExit(f"no checkpoint at {ckpt_path}; train one (python train.py --out_dir={out_dir}) "
                          "or sample from random weights with --init_from=<preset>")
-    checkpoint = torch.load(ckpt_path, map_location='cpu', weights_only=True)
+    checkpoint = load_checkpoint(ckpt_path)
     model = GPT(GPTConfig(**checkpoint['model_args']))
     model.load_state_dict(checkpoint['model'])
     dataset = dataset or checkpoint['config'].get('dataset', '')

@@ -214,6 +214,17 @@ def test_ddp_matches_single_process(shakespeare, straight_run, tmp_path):
         assert b['train_loss'] == pytest.approx(a['train_loss'], abs=1e-4)
 
 
+def test_corrupt_checkpoint_is_named_not_a_torch_traceback(shakespeare, straight_run, tmp_path):
+    good = (straight_run / 'ckpt.pt').read_bytes()
+    for damaged in (good[:len(good) // 2], os.urandom(4096)):  # cut off by a full disk; not a checkpoint at all
+        (tmp_path / 'ckpt.pt').write_bytes(damaged)
+        for script, args in (('train.py', [*TINY, f'--dataset={shakespeare[0]}', '--init_from=resume']),
+                             ('evaluate.py', []), ('sample.py', ['--max_new_tokens=2'])):
+            proc = run(script, *args, f'--out_dir={tmp_path}', cwd=tmp_path, check=False)
+            assert proc.returncode != 0 and f"{tmp_path / 'ckpt.pt'} is corrupt" in proc.stderr, script
+            assert 'weights_only' not in proc.stderr and 'Traceback' not in proc.stderr, script
+
+
 @pytest.mark.parametrize('args, message', [
     (['--bogus=1'], "unknown setting 'bogus'"),
     (['--batch_size=big'], 'batch_size must be int'),

@@ -28,6 +28,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from configurator import configure
 from data import Dataset
 from model import GPT, GPTConfig
+from storage import load_checkpoint, write_atomically
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -146,7 +147,7 @@ checkpoint = None
 if init_from == 'resume':
     if not os.path.exists(ckpt_path):
         raise SystemExit(f"--init_from=resume, but {ckpt_path} does not exist")
-    checkpoint = torch.load(ckpt_path, map_location=device, weights_only=True)
+    checkpoint = load_checkpoint(ckpt_path, device)
     # attn_impl only picks among exact implementations of the same math, so it may change
     clashes = [f"{k}: checkpoint {v!r}, now {model_args.get(k)!r}" for k, v in checkpoint['model_args'].items()
                if k != 'attn_impl' and model_args.get(k) != v]
@@ -218,9 +219,8 @@ def save_checkpoint():
         'best_val_loss': best_val_loss,
         'config': config,
     }
-    # write then rename, so an interruption never leaves a truncated checkpoint behind
-    torch.save(checkpoint, ckpt_path + '.tmp')
-    os.replace(ckpt_path + '.tmp', ckpt_path)
+    # an interruption never leaves a truncated checkpoint behind
+    write_atomically(ckpt_path, lambda f: torch.save(checkpoint, f))
 
 
 def sync():
