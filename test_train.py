@@ -39,8 +39,16 @@ def read_tokens(out_dir, split, meta):
 
 
 def read_log(out_dir):
+    def bare(constant):  # NaN or Infinity: not JSON
+        raise ValueError(f"log.jsonl holds a bare {constant}")
     with open(os.path.join(out_dir, 'log.jsonl')) as f:
-        return [json.loads(line) for line in f]
+        return [json.loads(line, parse_constant=bare) for line in f]
+
+
+def copy_run(src, dst):
+    """A copy of a finished run's checkpoint and log, to continue or damage without touching the original."""
+    for name in ('ckpt.pt', 'log.jsonl'):
+        (dst / name).write_bytes((src / name).read_bytes())
 
 
 @pytest.fixture(scope='module')
@@ -214,6 +222,47 @@ def test_ddp_matches_single_process(shakespeare, straight_run, tmp_path):
         assert b['train_loss'] == pytest.approx(a['train_loss'], abs=1e-4)
 
 
+def test_nan_loss_stops_the_run_and_keeps_the_checkpoint(shakespeare, straight_run, tmp_path):
+    copy_run(straight_run, tmp_path)
+    good = (tmp_path / 'ckpt.pt').read_bytes()
+    # an absurd learning rate: the first step from iteration 8 sends the weights to inf, so iteration 9's loss is nan
+    proc = run('train.py', *TINY, f'--dataset={shakespeare[0]}', f'--out_dir={tmp_path}', '--init_from=resume',
+               '--max_iters=16', '--eval_interval=4', '--learning_rate=1e6', '--warmup_iters=0', cwd=tmp_path,
+               check=False)
+    assert proc.returncode != 0 and 'Traceback' not in proc.stderr
+    assert 'iteration 9: loss nan' in proc.stderr and 'keeps the last good checkpoint (iteration 8)' in proc.stderr
+    assert (tmp_path / 'ckpt.pt').read_bytes() == good
+    assert [r['iter'] for r in read_log(tmp_path)] == [0, 4, 8]  # valid JSON, no nan
+
+
+def test_scratch_run_never_replaces_a_trained_one(shakespeare, straight_run, tmp_path):
+    copy_run(straight_run, tmp_path)
+    good, log = (tmp_path / 'ckpt.pt').read_bytes(), read_log(tmp_path)
+    common = [*TINY, f'--dataset={shakespeare[0]}', f'--out_dir={tmp_path}', '--eval_interval=4']
+    proc = run('train.py', *common, '--max_iters=8', cwd=tmp_path, check=False)  # --init_from=resume forgotten
+    assert proc.returncode != 0 and 'Traceback' not in proc.stderr
+    assert 'ckpt.pt exists' in proc.stderr and '--init_from=resume' in proc.stderr and '--overwrite=True' in proc.stderr
+    assert (tmp_path / 'ckpt.pt').read_bytes() == good and read_log(tmp_path) == log
+    # asked explicitly, a new run starts, but its untrained step-0 model is saved over nothing
+    run('train.py', *common, '--max_iters=0', '--overwrite=True', cwd=tmp_path)
+    assert (tmp_path / 'ckpt.pt').read_bytes() == good and [r['iter'] for r in read_log(tmp_path)] == [0]
+
+
+def test_resume_drops_a_cut_off_last_log_line(shakespeare, straight_run, tmp_path):
+    copy_run(straight_run, tmp_path)
+    with open(tmp_path / 'log.jsonl', 'a') as f:
+        f.write('{"iter": 12, "tok')  # killed mid-write
+    proc = run('train.py', *TINY, f'--dataset={shakespeare[0]}', f'--out_dir={tmp_path}', '--init_from=resume',
+               '--max_iters=8', '--eval_interval=4', cwd=tmp_path)
+    assert 'cut off' in proc.stdout and [r['iter'] for r in read_log(tmp_path)] == [0, 4, 8]
+
+
+def test_out_dir_is_not_created_for_invalid_settings(shakespeare, tmp_path):
+    proc = run('train.py', *TINY, f'--dataset={shakespeare[0]}', f'--out_dir={tmp_path / "new"}', '--n_head=3',
+               cwd=tmp_path, check=False)
+    assert proc.returncode != 0 and 'divisible by n_head' in proc.stderr and not (tmp_path / 'new').exists()
+
+
 def test_corrupt_checkpoint_is_named_not_a_torch_traceback(shakespeare, straight_run, tmp_path):
     good = (straight_run / 'ckpt.pt').read_bytes()
     for damaged in (good[:len(good) // 2], os.urandom(4096)):  # cut off by a full disk; not a checkpoint at all
@@ -293,8 +342,8 @@ def test_train_on_examples_takes_block_size_from_them(recall, tmp_path):
         '--eval_interval=3', '--dar_window=4', cwd=tmp_path)
     ckpt = torch.load(tmp_path / 'ckpt.pt', weights_only=True)
     assert ckpt['model_args']['block_size'] == 39 and ckpt['config']['block_size'] == 39
-    proc = run('train.py', *MODEL, f'--dataset={recall[0]}', f'--out_dir={tmp_path}', '--block_size=64', cwd=tmp_path,
-               check=False)
+    proc = run('train.py', *MODEL, f'--dataset={recall[0]}', f'--out_dir={tmp_path / "other"}', '--block_size=64',
+               cwd=tmp_path, check=False)
     assert proc.returncode != 0 and 'block_size at most 39' in proc.stderr and 'Traceback' not in proc.stderr
     proc = run('evaluate.py', f'--out_dir={tmp_path}', '--n_sequences=4', cwd=tmp_path)
     assert 'recall accuracy' in proc.stdout and 'shortcut' in proc.stdout
