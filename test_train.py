@@ -108,13 +108,50 @@ def test_prepare_local_jsonl(tmp_path):
     (tmp_path / 'a.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in rows[:3]), encoding='utf-8')
     (tmp_path / 'b.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in rows[3:]), encoding='utf-8')
     out = tmp_path / 'out'
-    meta = prepare.main(['--files', str(tmp_path / '*.jsonl'), '--text_field=body', '--val_every=3',
-                         '--out_dir', str(out)])
+    args = ['--files', str(tmp_path / '*.jsonl'), '--text_field=body', '--val_every=3', '--out_dir', str(out)]
+    # a row without text is an error naming it, never dropped silently ...
+    with pytest.raises(SystemExit, match=r"b\.jsonl:4: field 'body' is null.*--skip_bad_rows"):
+        prepare.main(args)
+    # ... unless asked to, and then counted
+    meta = prepare.main([*args, '--skip_bad_rows'])
     _, decode = prepare.load_tokenizer(meta)
-    assert (meta['train_docs'], meta['val_docs']) == (4, 2)
+    assert (meta['train_docs'], meta['val_docs']) == (4, 2) and meta['source']['skipped_rows'] == 1
     assert decode(read_tokens(out, 'val', meta)) == 'document number 2<|endoftext|>document number 5<|endoftext|>'
-    with pytest.raises(SystemExit, match="no field 'text' in.*--text_field"):
+    with pytest.raises(SystemExit, match=r"a\.jsonl:1: no field 'text' \(fields: body, id\).*--text_field"):
         prepare.main(['--files', str(tmp_path / '*.jsonl'), '--out_dir', str(out)])
+
+
+def test_prepare_bad_jsonl_names_file_and_line(tmp_path):
+    (tmp_path / 'a.jsonl').write_text('{"text": "one"}\n\n{"text": "two"\n{"text": "three"}\n', encoding='utf-8')
+    with pytest.raises(SystemExit, match=r"a\.jsonl:3: not valid JSON"):
+        prepare.main(['--files', str(tmp_path / 'a.jsonl'), '--out_dir', str(tmp_path / 'out')])
+    meta = prepare.main(['--files', str(tmp_path / 'a.jsonl'), '--out_dir', str(tmp_path / 'skipped'),
+                         '--val_every=2', '--skip_bad_rows'])
+    assert meta['train_docs'] + meta['val_docs'] == 2 and meta['source']['skipped_rows'] == 1
+    (tmp_path / 'b.json').write_text('[{"text": "one"},\n "two"]\n', encoding='utf-8')  # a JSON array
+    with pytest.raises(SystemExit, match=r"b\.json:1: not valid JSON.*read as JSON lines"):
+        prepare.main(['--files', str(tmp_path / 'b.json'), '--out_dir', str(tmp_path / 'out')])
+    assert sorted(os.listdir(tmp_path)) == ['a.jsonl', 'b.json', 'skipped']
+
+
+def test_prepare_takes_any_text_file(tmp_path):
+    (tmp_path / 'src' / 'pkg').mkdir(parents=True)
+    sources = {'src/a.py': 'def f():\n    return 1\n', 'src/pkg/b.c': 'int main() { return 0; }\n',
+               'src/Makefile': 'all:\n\tcc b.c\n', 'src/pkg/c.rs': 'fn main() {}\n'}
+    for path, text in sources.items():
+        (tmp_path / path).write_text(text, encoding='utf-8')
+    meta = prepare.main(['--files', str(tmp_path / 'src' / '**' / '*'), '--val_every=2', '--tokenizer=char',
+                         '--out_dir', str(tmp_path / 'out')])
+    _, decode = prepare.load_tokenizer(meta)
+    assert meta['train_docs'] + meta['val_docs'] == 4
+    tokens = read_tokens(tmp_path / 'out', 'train', meta) + read_tokens(tmp_path / 'out', 'val', meta)
+    assert sorted(decode(tokens).split(prepare.EOT)[:-1]) == sorted(sources.values())
+
+
+def test_prepare_max_docs_must_be_positive(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        prepare.main(['--max_docs=-1', '--out_dir', str(tmp_path / 'out')])
+    assert '--max_docs must be at least 1' in capsys.readouterr().err and not (tmp_path / 'out').exists()
 
 
 def test_prepare_bad_input(tmp_path):
