@@ -8,7 +8,6 @@ Sample from a trained model with the DAR KV cache (prefill once, then one token 
 Text is encoded and decoded with the tokenizer prepare.py recorded in the dataset's meta.json.
 """
 
-import json
 import os
 import sys
 import time
