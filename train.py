@@ -179,7 +179,6 @@ if compile:
 if ddp:
     model = DDP(model, device_ids=[torch.cuda.current_device()] if device_type == 'cuda' else None)
 
-# log of eval losses, for compare.py's curves; a resumed run drops what came after its checkpoint
 log_path = os.path.join(out_dir, 'log.jsonl')
 
 
@@ -200,6 +199,7 @@ def read_log():
     return records
 
 
+# log of eval losses, for compare.py's curves; a resumed run drops what came after its checkpoint
 if master:  # the settings are valid: from here on the run may write
     os.makedirs(out_dir, exist_ok=True)
     records = []
