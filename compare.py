@@ -36,6 +36,7 @@ from tqdm import tqdm
 import evaluate
 from configurator import configure
 from model import GPT, REGIMES, GPTConfig, regime_grid
+from storage import load_checkpoint
 
 # -----------------------------------------------------------------------------
 out_dir = 'out-compare'
@@ -121,7 +122,7 @@ def train(run, bar):
     ckpt_path = os.path.join(run_dir(run), 'ckpt.pt')
     args = dict(settings)
     if os.path.exists(ckpt_path):
-        done = torch.load(ckpt_path, map_location='cpu', weights_only=True)
+        done = load_checkpoint(ckpt_path)
         if done['iter_num'] >= done['config']['max_iters']:
             bar.write(f"{label} finished earlier: {ckpt_path}")
             return
@@ -145,7 +146,7 @@ def train(run, bar):
 def summarize(run):
     with open(os.path.join(run_dir(run), 'log.jsonl'), encoding='utf-8') as f:
         records = [json.loads(line) for line in f]
-    ckpt = torch.load(os.path.join(run_dir(run), 'ckpt.pt'), map_location='cpu', weights_only=True)
+    ckpt = load_checkpoint(os.path.join(run_dir(run), 'ckpt.pt'))
     model_config = GPTConfig(**ckpt['model_args'])
     if model_config.regime != run.setting.regime:  # e.g. a window no shorter than block_size is full attention
         raise SystemExit(f"the {run.setting.name} run of seed {run.seed} trained {model_config.regime} attention "

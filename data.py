@@ -20,6 +20,13 @@ import torch
 IGNORE = -1  # the target id the loss skips (model.GPT.forward's ignore_index)
 
 
+def swap_dirs(data_dir):
+    """The hidden siblings prepare.py uses to replace data_dir all at once: it writes the new
+    dataset into the first, then renames data_dir to the second and the first to data_dir."""
+    parent, name = os.path.split(os.path.abspath(data_dir))
+    return os.path.join(parent, f'.{name}.new'), os.path.join(parent, f'.{name}.old')
+
+
 class Dataset:
     """The prepared dataset in data_dir: its meta.json and memmaps of its splits."""
 
@@ -27,11 +34,17 @@ class Dataset:
         self.dir = data_dir
         meta_path = os.path.join(data_dir, 'meta.json')
         if not os.path.exists(meta_path):
+            new = swap_dirs(data_dir)[0]
+            if not os.path.exists(data_dir) and os.path.exists(os.path.join(new, 'meta.json')):
+                raise SystemExit(f"{data_dir} is missing: prepare.py was interrupted before moving the new dataset "
+                                 f"into place, but it is complete in {new}; finish the move with "
+                                 f"mv '{new}' '{data_dir}', or run prepare.py again")
             raise SystemExit(f"{meta_path} not found: prepare the dataset first (python prepare.py; see its --help)")
         with open(meta_path, encoding='utf-8') as f:
             self.meta = json.load(f)
         self.format = self.meta.get('format', 'stream')
         self.example_length = self.meta.get('example_length')
+        self.check_sizes()
 
     @property
     def vocab_size(self):
@@ -47,6 +60,30 @@ class Dataset:
 
     def _mask(self, split):
         return np.memmap(os.path.join(self.dir, f'{split}.mask.bin'), dtype=np.uint8, mode='r')
+
+    def check_sizes(self):
+        """Every split's files hold the tokens meta.json records: a cut-off file, or one left from
+        another preparation, is an error here, not silent training on the wrong data."""
+        itemsize = np.dtype(self.meta['dtype']).itemsize
+        for split in ('train', 'val', 'test'):
+            if self.format == 'stream':
+                tokens = self.meta.get(f'{split}_tokens')
+                files = {f'{split}.bin': itemsize}
+            else:
+                tokens = self.meta.get(f'{split}_examples')
+                tokens = None if tokens is None else tokens * self.example_length
+                files = {f'{split}.bin': itemsize, f'{split}.mask.bin': 1}  # the mask: a uint8 per token
+            if tokens is None:  # a split this dataset does not have
+                continue
+            for name, bytes_per_token in files.items():
+                path = os.path.join(self.dir, name)
+                expected = tokens * bytes_per_token
+                size = os.path.getsize(path) if os.path.exists(path) else None
+                if size != expected:
+                    found = 'is missing' if size is None else f'has {size:,} bytes'
+                    raise SystemExit(f"{path} {found}, but meta.json records {tokens:,} tokens ({expected:,} bytes): "
+                                     f"the dataset is incomplete or was changed after it was written; run prepare.py "
+                                     f"again to rebuild {self.dir}")
 
     def num_sequences(self, split, block_size):
         """How many distinct sequences of block_size (+1 target) the split holds."""

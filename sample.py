@@ -8,7 +8,6 @@ Sample from a trained model with the DAR KV cache (prefill once, then one token 
 Text is encoded and decoded with the tokenizer prepare.py recorded in the dataset's meta.json.
 """
 
-import json
 import os
 import sys
 import time
@@ -16,8 +15,9 @@ import time
 import torch
 
 from configurator import configure
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, check_sampling
 from prepare import load_tokenizer
+from storage import load_checkpoint
 
 init_from = 'resume'  # 'resume' (out_dir/ckpt.pt) or a preset name for random weights
 out_dir = 'out'
@@ -26,8 +26,8 @@ start = '\n'  # the prompt, or FILE:path to read it from a file
 num_samples = 2
 max_new_tokens = 300
 temperature = 0.8  # 0: greedy
-top_k = 200  # 0: no top-k
-top_p = 0.0  # 0: no nucleus sampling
+top_k = 200  # 0: no top-k, else at least 1
+top_p = 0.0  # 0: no nucleus sampling, else in (0, 1]
 seed = 1337
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
 dtype = 'bfloat16' if device == 'cuda' else 'float32'
@@ -37,6 +37,14 @@ dar_rank = -1  # with a preset: -1 keeps head_dim // 4, else r
 config = {k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, str))}
 configure(config, sys.argv[1:])
 globals().update(config)
+top_k, top_p = top_k or None, top_p or None  # 0 turns them off here; model.sample_next takes None for that
+try:
+    check_sampling(temperature, top_k, top_p)
+except ValueError as e:
+    raise SystemExit(f"--{e}") from None
+if max_new_tokens < 0 or num_samples < 1:
+    raise SystemExit(f"max_new_tokens must be at least 0 and num_samples at least 1, got {max_new_tokens} and "
+                     f"{num_samples}")
 
 torch.manual_seed(seed)
 if init_from == 'resume':
@@ -44,7 +52,7 @@ if init_from == 'resume':
     if not os.path.exists(ckpt_path):
         raise SystemExit(f"no checkpoint at {ckpt_path}; train one (python train.py --out_dir={out_dir}) "
                          "or sample from random weights with --init_from=<preset>")
-    checkpoint = torch.load(ckpt_path, map_location='cpu', weights_only=True)
+    checkpoint = load_checkpoint(ckpt_path)
     model = GPT(GPTConfig(**checkpoint['model_args']))
     model.load_state_dict(checkpoint['model'])
     dataset = dataset or checkpoint['config'].get('dataset', '')
@@ -72,8 +80,13 @@ else:  # random weights: any ids do, text is only for show
     encode, decode = (lambda s: [b % model.config.vocab_size for b in s.encode()]), (lambda ids: f"<{len(ids)} ids>")
 
 if start.startswith('FILE:'):
-    with open(start[5:], encoding='utf-8') as f:
-        start = f.read()
+    try:
+        with open(start[5:], encoding='utf-8') as f:
+            start = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        reason = 'not UTF-8 text' if isinstance(e, UnicodeDecodeError) else e.strerror
+        raise SystemExit(f"--start=FILE:{start[5:]}: cannot read the prompt ({reason}); give a UTF-8 text file, "
+                         "or the prompt itself as --start=...") from None
 ids = encode(start)
 if not ids:
     raise SystemExit("the prompt encodes to no tokens; give a non-empty --start")
@@ -85,7 +98,7 @@ x = torch.tensor([ids] * num_samples, dtype=torch.long, device=device)
 sync = torch.cuda.synchronize if device == 'cuda' else (lambda: None)
 sync()
 t0 = time.perf_counter()
-y = model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k or None, top_p=top_p or None)
+y = model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
 sync()
 dt = time.perf_counter() - t0
 for row in y.tolist():

@@ -2,6 +2,7 @@
 full-context forwards for the KV cache. Run: python -m pytest -q"""
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -298,6 +299,35 @@ def test_generate_sampling_options():
     assert (model.sample_next(logits, top_p=0.5) == 0).all()
 
 
+@pytest.mark.parametrize('kw, match', [
+    ({'temperature': -1.0}, 'temperature must be at least 0'),  # would sample the least likely tokens
+    ({'temperature': float('nan')}, 'temperature must be at least 0'),
+    ({'top_k': 0}, 'top_k must be at least 1'),
+    ({'top_k': -3}, 'top_k must be at least 1'),
+    ({'top_p': 0.0}, r'top_p must be in \(0, 1\]'),
+    ({'top_p': 1.5}, r'top_p must be in \(0, 1\]'),
+])
+def test_sampling_settings_out_of_range_are_named(kw, match):
+    with pytest.raises(ValueError, match=match):
+        model.sample_next(torch.zeros(2, 5), **kw)
+    with pytest.raises(ValueError, match=match):
+        make_model('dar').eval().generate(torch.zeros(1, 3, dtype=torch.long), 4, **kw)
+
+
+def test_generate_length_checks():
+    m = make_model('dar').eval()
+    prompt = torch.zeros(1, 60, dtype=torch.long)
+    with pytest.raises(ValueError, match='max_new_tokens must be at least 0'):
+        m.generate(prompt, -1)
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')  # within the trained context: no warning
+        assert m.generate(prompt, 4, temperature=0).shape == (1, 64)
+    # past it, generation goes on with one warning
+    with pytest.warns(UserWarning, match='past the trained context') as caught:
+        assert m.generate(prompt, 10, temperature=0).shape == (1, 70)
+    assert len(caught) == 1
+
+
 def test_cache_errors_are_clear():
     m = make_model('dar').eval()
     cache = m.new_cache(2, 20)
@@ -347,3 +377,18 @@ def test_bench_runs_and_writes_results(tmp_path):
 def test_sample_from_random_preset():
     out = run_script('sample.py', '--init_from=tiny', '--dar_window=8', '--max_new_tokens=5', '--num_samples=1')
     assert 'tokens/s' in out
+
+
+@pytest.mark.parametrize('args, message', [
+    (['--temperature=-1'], '--temperature must be at least 0'),
+    (['--top_k=-5'], '--top_k must be at least 1'),
+    (['--max_new_tokens=-1'], 'max_new_tokens must be at least 0'),
+    (['--start=FILE:/nonexistent/prompt.txt'], 'FILE:/nonexistent/prompt.txt: cannot read the prompt'),
+])
+def test_sample_bad_settings_are_named(args, message):
+    import os
+    import subprocess
+    import sys
+    res = subprocess.run([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), 'sample.py'),
+                          '--init_from=tiny', '--max_new_tokens=2', *args], capture_output=True, text=True, timeout=300)
+    assert res.returncode != 0 and message in res.stderr and 'Traceback' not in res.stderr

@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -39,8 +40,16 @@ def read_tokens(out_dir, split, meta):
 
 
 def read_log(out_dir):
+    def bare(constant):  # NaN or Infinity: not JSON
+        raise ValueError(f"log.jsonl holds a bare {constant}")
     with open(os.path.join(out_dir, 'log.jsonl')) as f:
-        return [json.loads(line) for line in f]
+        return [json.loads(line, parse_constant=bare) for line in f]
+
+
+def copy_run(src, dst):
+    """A copy of a finished run's checkpoint and log, to continue or damage without touching the original."""
+    for name in ('ckpt.pt', 'log.jsonl'):
+        (dst / name).write_bytes((src / name).read_bytes())
 
 
 @pytest.fixture(scope='module')
@@ -99,13 +108,50 @@ def test_prepare_local_jsonl(tmp_path):
     (tmp_path / 'a.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in rows[:3]), encoding='utf-8')
     (tmp_path / 'b.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in rows[3:]), encoding='utf-8')
     out = tmp_path / 'out'
-    meta = prepare.main(['--files', str(tmp_path / '*.jsonl'), '--text_field=body', '--val_every=3',
-                         '--out_dir', str(out)])
+    args = ['--files', str(tmp_path / '*.jsonl'), '--text_field=body', '--val_every=3', '--out_dir', str(out)]
+    # a row without text is an error naming it, never dropped silently ...
+    with pytest.raises(SystemExit, match=r"b\.jsonl:4: field 'body' is null.*--skip_bad_rows"):
+        prepare.main(args)
+    # ... unless asked to, and then counted
+    meta = prepare.main([*args, '--skip_bad_rows'])
     _, decode = prepare.load_tokenizer(meta)
-    assert (meta['train_docs'], meta['val_docs']) == (4, 2)
+    assert (meta['train_docs'], meta['val_docs']) == (4, 2) and meta['source']['skipped_rows'] == 1
     assert decode(read_tokens(out, 'val', meta)) == 'document number 2<|endoftext|>document number 5<|endoftext|>'
-    with pytest.raises(SystemExit, match="no field 'text' in.*--text_field"):
+    with pytest.raises(SystemExit, match=r"a\.jsonl:1: no field 'text' \(fields: body, id\).*--text_field"):
         prepare.main(['--files', str(tmp_path / '*.jsonl'), '--out_dir', str(out)])
+
+
+def test_prepare_bad_jsonl_names_file_and_line(tmp_path):
+    (tmp_path / 'a.jsonl').write_text('{"text": "one"}\n\n{"text": "two"\n{"text": "three"}\n', encoding='utf-8')
+    with pytest.raises(SystemExit, match=r"a\.jsonl:3: not valid JSON"):
+        prepare.main(['--files', str(tmp_path / 'a.jsonl'), '--out_dir', str(tmp_path / 'out')])
+    meta = prepare.main(['--files', str(tmp_path / 'a.jsonl'), '--out_dir', str(tmp_path / 'skipped'),
+                         '--val_every=2', '--skip_bad_rows'])
+    assert meta['train_docs'] + meta['val_docs'] == 2 and meta['source']['skipped_rows'] == 1
+    (tmp_path / 'b.json').write_text('[{"text": "one"},\n "two"]\n', encoding='utf-8')  # a JSON array
+    with pytest.raises(SystemExit, match=r"b\.json:1: not valid JSON.*read as JSON lines"):
+        prepare.main(['--files', str(tmp_path / 'b.json'), '--out_dir', str(tmp_path / 'out')])
+    assert sorted(os.listdir(tmp_path)) == ['a.jsonl', 'b.json', 'skipped']
+
+
+def test_prepare_takes_any_text_file(tmp_path):
+    (tmp_path / 'src' / 'pkg').mkdir(parents=True)
+    sources = {'src/a.py': 'def f():\n    return 1\n', 'src/pkg/b.c': 'int main() { return 0; }\n',
+               'src/Makefile': 'all:\n\tcc b.c\n', 'src/pkg/c.rs': 'fn main() {}\n'}
+    for path, text in sources.items():
+        (tmp_path / path).write_text(text, encoding='utf-8')
+    meta = prepare.main(['--files', str(tmp_path / 'src' / '**' / '*'), '--val_every=2', '--tokenizer=char',
+                         '--out_dir', str(tmp_path / 'out')])
+    _, decode = prepare.load_tokenizer(meta)
+    assert meta['train_docs'] + meta['val_docs'] == 4
+    tokens = read_tokens(tmp_path / 'out', 'train', meta) + read_tokens(tmp_path / 'out', 'val', meta)
+    assert sorted(decode(tokens).split(prepare.EOT)[:-1]) == sorted(sources.values())
+
+
+def test_prepare_max_docs_must_be_positive(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        prepare.main(['--max_docs=-1', '--out_dir', str(tmp_path / 'out')])
+    assert '--max_docs must be at least 1' in capsys.readouterr().err and not (tmp_path / 'out').exists()
 
 
 def test_prepare_bad_input(tmp_path):
@@ -120,7 +166,53 @@ def test_prepare_bad_input(tmp_path):
     fails('70000 tokens does not fit --dtype=uint16', '--vocab_size=70000', '--dtype=uint16')
     fails('vocab_size=100 is out of range', '--vocab_size=100')
     fails("unknown tokenizer 'bpe'", '--tokenizer=bpe')
-    assert not any((tmp_path / 'out').iterdir())  # nothing half-written left behind
+    assert sorted(os.listdir(tmp_path)) == ['blank.txt', 'latin1.txt']  # nothing half-written left behind
+
+
+def test_dataset_changes_all_at_once_or_not_at_all(tmp_path, monkeypatch):
+    out = tmp_path / 'recall'
+    recall_args = ['--synthetic=recall', '--out_dir', str(out), '--n_train=20', '--n_val=5', '--n_test=5']
+    before = prepare.main(recall_args)
+    # a failure while writing leaves the old dataset as it was, and no trace of the new one
+    with pytest.raises(SystemExit, match='too short'):
+        prepare.main([*recall_args, '--seq_len=12'])
+    assert Dataset(out).meta == before and sorted(os.listdir(tmp_path)) == ['recall']
+    # interrupted between the two renames of the swap: the reader says where the new dataset is
+    rename = os.rename
+    def interrupted(src, dst):
+        if src.endswith('.recall.new'):
+            raise KeyboardInterrupt
+        rename(src, dst)
+    monkeypatch.setattr(os, 'rename', interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        prepare.main([*recall_args, '--seq_len=40'])
+    monkeypatch.undo()
+    with pytest.raises(SystemExit, match=r"recall is missing: prepare.py was interrupted.*complete in .*\.recall\.new"):
+        Dataset(out)
+    after = prepare.main([*recall_args, '--seq_len=40'])  # running it again finishes the job
+    assert Dataset(out).meta == after and after['example_length'] == 40 and sorted(os.listdir(tmp_path)) == ['recall']
+    (out / 'notes.txt').write_text('mine')
+    with pytest.raises(SystemExit, match=r"holds files that are not a dataset's \(notes.txt\)"):
+        prepare.main(recall_args)
+
+
+def test_bins_must_match_meta(shakespeare, recall, tmp_path):
+    data = tmp_path / 'data'
+    data.mkdir()
+    for name in ('meta.json', 'train.bin', 'val.bin'):
+        (data / name).write_bytes((Path(shakespeare[0]) / name).read_bytes())
+    with open(data / 'train.bin', 'r+b') as f:
+        f.truncate(os.path.getsize(data / 'train.bin') // 2)  # e.g. a disk that filled up
+    proc = run('train.py', *TINY, f'--dataset={data}', f'--out_dir={tmp_path / "out"}', '--max_iters=1',
+               cwd=tmp_path, check=False)
+    assert proc.returncode != 0 and 'Traceback' not in proc.stderr
+    assert 'train.bin has' in proc.stderr and 'run prepare.py again' in proc.stderr
+    for name in os.listdir(recall[0]):
+        (tmp_path / name).write_bytes((Path(recall[0]) / name).read_bytes())
+    with open(tmp_path / 'val.mask.bin', 'ab') as f:
+        f.write(bytes(40))  # one example too many
+    with pytest.raises(SystemExit, match=r'val\.mask\.bin has 840 bytes, but meta.json records 800 tokens'):
+        Dataset(tmp_path)
 
 
 def test_vocab_prefix_of_bpe_round_trips():
@@ -214,6 +306,58 @@ def test_ddp_matches_single_process(shakespeare, straight_run, tmp_path):
         assert b['train_loss'] == pytest.approx(a['train_loss'], abs=1e-4)
 
 
+def test_nan_loss_stops_the_run_and_keeps_the_checkpoint(shakespeare, straight_run, tmp_path):
+    copy_run(straight_run, tmp_path)
+    good = (tmp_path / 'ckpt.pt').read_bytes()
+    # an absurd learning rate: the first step from iteration 8 sends the weights to inf, so iteration 9's loss is nan
+    proc = run('train.py', *TINY, f'--dataset={shakespeare[0]}', f'--out_dir={tmp_path}', '--init_from=resume',
+               '--max_iters=16', '--eval_interval=4', '--learning_rate=1e6', '--warmup_iters=0', cwd=tmp_path,
+               check=False)
+    assert proc.returncode != 0 and 'Traceback' not in proc.stderr
+    assert 'iteration 9: loss nan' in proc.stderr and 'keeps the last good checkpoint (iteration 8)' in proc.stderr
+    assert (tmp_path / 'ckpt.pt').read_bytes() == good
+    assert [r['iter'] for r in read_log(tmp_path)] == [0, 4, 8]  # valid JSON, no nan
+
+
+def test_scratch_run_never_replaces_a_trained_one(shakespeare, straight_run, tmp_path):
+    copy_run(straight_run, tmp_path)
+    good, log = (tmp_path / 'ckpt.pt').read_bytes(), read_log(tmp_path)
+    common = [*TINY, f'--dataset={shakespeare[0]}', f'--out_dir={tmp_path}', '--eval_interval=4']
+    proc = run('train.py', *common, '--max_iters=8', cwd=tmp_path, check=False)  # --init_from=resume forgotten
+    assert proc.returncode != 0 and 'Traceback' not in proc.stderr
+    assert 'ckpt.pt exists' in proc.stderr and '--init_from=resume' in proc.stderr and '--overwrite=True' in proc.stderr
+    assert (tmp_path / 'ckpt.pt').read_bytes() == good and read_log(tmp_path) == log
+    # asked explicitly, a new run starts, but its untrained step-0 model is saved over nothing
+    run('train.py', *common, '--max_iters=0', '--overwrite=True', cwd=tmp_path)
+    assert (tmp_path / 'ckpt.pt').read_bytes() == good and [r['iter'] for r in read_log(tmp_path)] == [0]
+
+
+def test_resume_drops_a_cut_off_last_log_line(shakespeare, straight_run, tmp_path):
+    copy_run(straight_run, tmp_path)
+    with open(tmp_path / 'log.jsonl', 'a') as f:
+        f.write('{"iter": 12, "tok')  # killed mid-write
+    proc = run('train.py', *TINY, f'--dataset={shakespeare[0]}', f'--out_dir={tmp_path}', '--init_from=resume',
+               '--max_iters=8', '--eval_interval=4', cwd=tmp_path)
+    assert 'cut off' in proc.stdout and [r['iter'] for r in read_log(tmp_path)] == [0, 4, 8]
+
+
+def test_out_dir_is_not_created_for_invalid_settings(shakespeare, tmp_path):
+    proc = run('train.py', *TINY, f'--dataset={shakespeare[0]}', f'--out_dir={tmp_path / "new"}', '--n_head=3',
+               cwd=tmp_path, check=False)
+    assert proc.returncode != 0 and 'divisible by n_head' in proc.stderr and not (tmp_path / 'new').exists()
+
+
+def test_corrupt_checkpoint_is_named_not_a_torch_traceback(shakespeare, straight_run, tmp_path):
+    good = (straight_run / 'ckpt.pt').read_bytes()
+    for damaged in (good[:len(good) // 2], os.urandom(4096)):  # cut off by a full disk; not a checkpoint at all
+        (tmp_path / 'ckpt.pt').write_bytes(damaged)
+        for script, args in (('train.py', [*TINY, f'--dataset={shakespeare[0]}', '--init_from=resume']),
+                             ('evaluate.py', []), ('sample.py', ['--max_new_tokens=2'])):
+            proc = run(script, *args, f'--out_dir={tmp_path}', cwd=tmp_path, check=False)
+            assert proc.returncode != 0 and f"{tmp_path / 'ckpt.pt'} is corrupt" in proc.stderr, script
+            assert 'weights_only' not in proc.stderr and 'Traceback' not in proc.stderr, script
+
+
 @pytest.mark.parametrize('args, message', [
     (['--bogus=1'], "unknown setting 'bogus'"),
     (['--batch_size=big'], 'batch_size must be int'),
@@ -282,8 +426,8 @@ def test_train_on_examples_takes_block_size_from_them(recall, tmp_path):
         '--eval_interval=3', '--dar_window=4', cwd=tmp_path)
     ckpt = torch.load(tmp_path / 'ckpt.pt', weights_only=True)
     assert ckpt['model_args']['block_size'] == 39 and ckpt['config']['block_size'] == 39
-    proc = run('train.py', *MODEL, f'--dataset={recall[0]}', f'--out_dir={tmp_path}', '--block_size=64', cwd=tmp_path,
-               check=False)
+    proc = run('train.py', *MODEL, f'--dataset={recall[0]}', f'--out_dir={tmp_path / "other"}', '--block_size=64',
+               cwd=tmp_path, check=False)
     assert proc.returncode != 0 and 'block_size at most 39' in proc.stderr and 'Traceback' not in proc.stderr
     proc = run('evaluate.py', f'--out_dir={tmp_path}', '--n_sequences=4', cwd=tmp_path)
     assert 'recall accuracy' in proc.stdout and 'shortcut' in proc.stdout

@@ -28,11 +28,13 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from configurator import configure
 from data import Dataset
 from model import GPT, GPTConfig
+from storage import load_checkpoint, write_atomically
 
 # -----------------------------------------------------------------------------
 # I/O
 out_dir = 'out'
 init_from = 'scratch'  # 'scratch' or 'resume' (from out_dir/ckpt.pt)
+overwrite = False  # True: a scratch run may replace the run already in out_dir (its checkpoint and log)
 eval_interval = 100
 eval_iters = 20
 log_interval = 10
@@ -81,6 +83,12 @@ if seed < 0:
     raise SystemExit(f"seed must be at least 0, got {seed}")
 if init_from not in ('scratch', 'resume'):
     raise SystemExit(f"init_from must be 'scratch' or 'resume', got '{init_from}'")
+ckpt_path = os.path.join(out_dir, 'ckpt.pt')
+if init_from == 'resume' and not os.path.exists(ckpt_path):
+    raise SystemExit(f"--init_from=resume, but {ckpt_path} does not exist")
+if init_from == 'scratch' and os.path.exists(ckpt_path) and not overwrite:
+    raise SystemExit(f"{ckpt_path} exists: continue that run with --init_from=resume, train into another "
+                     "--out_dir, or replace it with --overwrite=True")
 if dtype not in ('float32', 'bfloat16'):
     raise SystemExit(f"dtype must be 'float32' or 'bfloat16', got '{dtype}'")
 device_type = 'cuda' if device.startswith('cuda') else 'cpu'
@@ -113,7 +121,6 @@ tokens_per_iter = gradient_accumulation_steps * world_size * batch_size * block_
 if master:
     print(f"tokens per iteration: {tokens_per_iter:,} ({gradient_accumulation_steps * world_size} x "
           f"{batch_size} x {block_size})")
-    os.makedirs(out_dir, exist_ok=True)
 torch.manual_seed(seed)
 if device_type == 'cuda':
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -141,12 +148,9 @@ try:
 except ValueError as e:
     raise SystemExit(f"model settings: {e}")
 model_args = dataclasses.asdict(model_config)
-ckpt_path = os.path.join(out_dir, 'ckpt.pt')
 checkpoint = None
 if init_from == 'resume':
-    if not os.path.exists(ckpt_path):
-        raise SystemExit(f"--init_from=resume, but {ckpt_path} does not exist")
-    checkpoint = torch.load(ckpt_path, map_location=device, weights_only=True)
+    checkpoint = load_checkpoint(ckpt_path, device)
     # attn_impl only picks among exact implementations of the same math, so it may change
     clashes = [f"{k}: checkpoint {v!r}, now {model_args.get(k)!r}" for k, v in checkpoint['model_args'].items()
                if k != 'attn_impl' and model_args.get(k) != v]
@@ -164,24 +168,44 @@ if master:
 
 optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
 iter_num, best_val_loss = 0, float('inf')
+saved_iter = None  # the iteration out_dir/ckpt.pt holds, when this run wrote or resumed it
 if checkpoint is not None:
     optimizer.load_state_dict(checkpoint['optimizer'])
     iter_num, best_val_loss = checkpoint['iter_num'], checkpoint['best_val_loss']
+    saved_iter = iter_num
     checkpoint = None  # free it
 if compile:
     model = torch.compile(model)
 if ddp:
     model = DDP(model, device_ids=[torch.cuda.current_device()] if device_type == 'cuda' else None)
 
-# log of eval losses, for compare.py's curves; a resumed run drops what came after its checkpoint
 log_path = os.path.join(out_dir, 'log.jsonl')
-if master:
+
+
+def read_log():
+    """The records of log.jsonl; a last line cut off by an interruption is dropped."""
+    with open(log_path, encoding='utf-8') as f:
+        lines = f.readlines()
+    records = []
+    for number, line in enumerate(lines, 1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number == len(lines) and not line.endswith('\n'):
+                print(f"{log_path}: dropped its last line, cut off by an interrupted write")
+                break
+            raise SystemExit(f"{log_path}, line {number}, is not a JSON record; delete or repair that line, "
+                             "then resume") from None
+    return records
+
+
+# log of eval losses, for compare.py's curves; a resumed run drops what came after its checkpoint
+if master:  # the settings are valid: from here on the run may write
+    os.makedirs(out_dir, exist_ok=True)
     records = []
     if init_from == 'resume' and os.path.exists(log_path):
-        with open(log_path, encoding='utf-8') as f:
-            records = [r for r in map(json.loads, f) if r['iter'] < iter_num]
-    with open(log_path, 'w', encoding='utf-8') as f:
-        f.writelines(json.dumps(r) + '\n' for r in records)
+        records = [r for r in read_log() if r['iter'] < iter_num]
+    write_atomically(log_path, lambda f: f.writelines(json.dumps(r) + '\n' for r in records), mode='w')
 
 
 @torch.no_grad()
@@ -209,7 +233,18 @@ def get_lr(it):
     return min_lr + coeff * (learning_rate - min_lr)
 
 
+def stop_unless_finite(values):
+    """Ends the run at a nan or inf loss or gradient norm, before it reaches the weights or a checkpoint."""
+    bad = [f"{name} {value}" for name, value in values.items() if not math.isfinite(value)]
+    if bad:
+        kept = f" (iteration {saved_iter})" if saved_iter is not None else ""
+        raise SystemExit(f"iteration {iter_num}: {', '.join(bad)}; the run stopped without saving, so {ckpt_path} "
+                         f"keeps the last good checkpoint{kept}. Lower --learning_rate or raise --warmup_iters, "
+                         "then continue with --init_from=resume")
+
+
 def save_checkpoint():
+    global saved_iter
     checkpoint = {
         'model': raw_model.state_dict(),
         'optimizer': optimizer.state_dict(),
@@ -218,9 +253,9 @@ def save_checkpoint():
         'best_val_loss': best_val_loss,
         'config': config,
     }
-    # write then rename, so an interruption never leaves a truncated checkpoint behind
-    torch.save(checkpoint, ckpt_path + '.tmp')
-    os.replace(ckpt_path + '.tmp', ckpt_path)
+    # an interruption never leaves a truncated checkpoint behind
+    write_atomically(ckpt_path, lambda f: torch.save(checkpoint, f))
+    saved_iter = iter_num
 
 
 def sync():
@@ -233,6 +268,7 @@ running_mfu = -1.0
 while True:
     if master and (iter_num % eval_interval == 0 or iter_num == max_iters):
         losses = estimate_loss()
+        stop_unless_finite({'train loss': losses['train'], 'val loss': losses['val']})
         best_val_loss = min(best_val_loss, losses['val'])
         record = {'iter': iter_num, 'tokens': iter_num * tokens_per_iter,
                   'train_loss': losses['train'], 'val_loss': losses['val'], 'lr': get_lr(iter_num)}
@@ -241,8 +277,10 @@ while True:
         train_time, train_iters = 0.0, 0
         print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
         with open(log_path, 'a', encoding='utf-8') as f:
-            f.write(json.dumps(record) + '\n')
-        save_checkpoint()
+            f.write(json.dumps(record, allow_nan=False) + '\n')
+        # a resumed run's first eval is of its checkpoint; an untrained model is saved only over nothing
+        if iter_num != saved_iter and (iter_num > 0 or not os.path.exists(ckpt_path)):
+            save_checkpoint()
     if iter_num >= max_iters:
         break
 
@@ -250,6 +288,7 @@ while True:
     for group in optimizer.param_groups:
         group['lr'] = lr
     t0 = time.time()
+    train_loss = 0.0  # of this process, summed over its micro-batches
     for micro_step in range(gradient_accumulation_steps):
         if ddp:  # all-reduce the gradients once, after the last micro-batch
             model.require_backward_grad_sync = micro_step == gradient_accumulation_steps - 1
@@ -257,8 +296,10 @@ while True:
         with autocast:
             loss = model(X, Y)[1] / gradient_accumulation_steps
         loss.backward()
-    if grad_clip:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        train_loss += loss.detach()
+    # the norm of the summed (all-reduced) gradient, the same on every process; max_norm inf only measures it
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or math.inf)
+    stop_unless_finite({'loss': train_loss.item(), 'gradient norm': grad_norm.item()})
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     sync()
