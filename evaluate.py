@@ -122,27 +122,53 @@ def recall_accuracy(model, data, task, block_size, batch_size, autocast):
                                                recall_baselines(task['n_pairs'], n_values).items()}}
 
 
+PLOT_BINS = 40  # log-spaced position bins: per-position losses are noisy (one token per sequence)
+
+
+def log_binned(values):
+    """(bin centres, means) of values (None: no loss there) in log-spaced bins of position."""
+    edges = np.unique(np.geomspace(1, len(values) + 1, PLOT_BINS + 1).astype(int))
+    centres, means = [], []
+    for a, b in zip(edges[:-1], edges[1:]):  # positions a..b-1, counted from 1
+        inside = [v for v in values[a - 1:b - 1] if v is not None]
+        if inside:
+            centres.append(float(np.sqrt(a * (b - 1))))
+            means.append(float(np.mean(inside)))
+    return centres, means
+
+
 def plot_loss_by_position(curves, window, path, title):
-    """curves: {label: (mean per position, optional (low, high) band)}; log-scaled positions."""
+    """curves: {label: (mean per position, optional (low, high) band)}, drawn in log-spaced bins of
+    position; with a 'full' curve, a second panel shows every curve minus full's (same sequences)."""
     import matplotlib
     matplotlib.use('Agg')  # files only, no display needed
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    reference = curves.get('full', (None,))[0]
+    fig, axes = plt.subplots(1, 2 if reference else 1, figsize=(12 if reference else 7, 4.5), squeeze=False)
     colors = plt.cm.tab20.colors if len(curves) > 10 else plt.cm.tab10.colors  # no colour used twice
     for (label, (mean, band)), color in zip(curves.items(), colors):
-        pos = [i + 1 for i, v in enumerate(mean) if v is not None]  # tokens of context seen
-        line, = ax.plot(pos, [v for v in mean if v is not None], label=label, linewidth=1.2, color=color)
+        pos, binned = log_binned(mean)
+        axes[0, 0].plot(pos, binned, label=label, linewidth=1.2, color=color, marker='.', markersize=3)
         if band is not None:
-            ax.fill_between(pos, *[[v for v in b if v is not None] for b in band], color=line.get_color(), alpha=0.2)
-    if window:
-        ax.axvline(window, color='gray', linestyle='--', linewidth=0.8)
-        ax.text(window, ax.get_ylim()[1], f' W={window}', va='top', fontsize=9, color='gray')
-    ax.set_xscale('log')
-    ax.set_xlabel('position in the context (tokens seen, log scale)')
-    ax.set_ylabel('mean validation loss')
-    ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+            axes[0, 0].fill_between(pos, log_binned(band[0])[1], log_binned(band[1])[1], color=color, alpha=0.2)
+        if reference:
+            diff = [None if v is None or f is None else v - f for v, f in zip(mean, reference)]
+            axes[0, 1].plot(*log_binned(diff), label=label, linewidth=1.2, color=color, marker='.', markersize=3)
+    for ax in axes[0]:
+        if window:
+            ax.axvline(window, color='gray', linestyle='--', linewidth=0.8)
+            ax.text(window, 1.0, f' W={window}', transform=ax.get_xaxis_transform(), va='top', fontsize=9,
+                    color='gray')
+        ax.set_xscale('log')
+        ax.set_xlabel('position in the context (tokens seen, log scale)')
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0, 0].set_ylabel('mean validation loss')
+    axes[0, 0].set_title(title, fontsize=10)
+    if reference:
+        axes[0, 1].axhline(0, color='gray', linewidth=0.8)
+        axes[0, 1].set_ylabel('mean validation loss - full attention')
+        axes[0, 1].set_title('difference to full attention (the same sequences)', fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
