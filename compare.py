@@ -230,7 +230,8 @@ def write_report(results):
     full_kv = summary['full']['kv_bytes_per_token'] if 'full' in summary else None
     first = results[0]
     gain_note = (f"long-ctx gain: mean loss at positions >= 4W minus < W with W = {reference_window} for every "
-                 f"run (negative: the run uses context beyond 4W)") if reference_window else ""
+                 f"run (negative: later positions are easier; only a gain beyond local-only's comes from distant "
+                 f"tokens)") if reference_window else ""
     lines = [
         f"Final validation loss after {first['iters']} iterations ({first['tokens']:,} tokens) per run; "
         f"mean ± sample std over seeds {', '.join(map(str, seed_list))}. KV-cache bytes per token at the "
