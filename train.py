@@ -11,6 +11,15 @@ With DDP on N processes (nccl on CUDA, gloo on CPU):
 Every setting below can be changed by a config file or --key=value (see configurator.py).
 A run can be continued exactly with --init_from=resume: the batch stream is a pure function
 of (seed, iteration), so a resumed run sees the same batches as one never interrupted.
+
+Retrofit: start from a trained full-attention model, switch its attention and keep training:
+
+    python train.py --init_from=out-full/ckpt.pt --dar_window=64 --out_dir=out-retrofit
+    python train.py --init_from=path/to/pythia-70m --dataset=sft_pythia --dar_window=256   # transformers GPT-NeoX
+
+The model's shape comes from the base; dar_window, dar_rank, dar_maps, attn_impl and block_size
+from the settings here. The latent maps start from the PCA of the base's own keys and values
+(latent_init='calibrated') or random; the base's AdamW moments carry over where it has them.
 """
 import dataclasses
 import json
@@ -27,13 +36,16 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from configurator import configure
 from data import Dataset
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, load_neox
 from storage import load_checkpoint, write_atomically
 
 # -----------------------------------------------------------------------------
 # I/O
 out_dir = 'out'
-init_from = 'scratch'  # 'scratch' or 'resume' (from out_dir/ckpt.pt)
+init_from = 'scratch'  # 'scratch', 'resume' (from out_dir/ckpt.pt), or a trained model: a ckpt.pt path,
+# a transformers GPT-NeoX directory or Hub name (see the top of this file)
+latent_init = 'calibrated'  # of a retrofit: 'calibrated' (PCA of the base's keys/values) or 'random'
+calibration_batches = 8  # of a retrofit: training batches the PCA sees
 overwrite = False  # True: a scratch run may replace the run already in out_dir (its checkpoint and log)
 eval_interval = 100
 eval_iters = 20
@@ -81,14 +93,19 @@ for key in ('eval_interval', 'eval_iters', 'log_interval', 'batch_size', 'block_
         raise SystemExit(f"{key} must be at least 1, got {config[key]}")
 if seed < 0:
     raise SystemExit(f"seed must be at least 0, got {seed}")
-if init_from not in ('scratch', 'resume'):
-    raise SystemExit(f"init_from must be 'scratch' or 'resume', got '{init_from}'")
+if latent_init not in ('calibrated', 'random'):
+    raise SystemExit(f"latent_init must be 'calibrated' or 'random', got '{latent_init}'")
+if calibration_batches < 1:
+    raise SystemExit(f"calibration_batches must be at least 1, got {calibration_batches}")
+retrofit_from = None if init_from in ('scratch', 'resume') else init_from
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')
 if init_from == 'resume' and not os.path.exists(ckpt_path):
     raise SystemExit(f"--init_from=resume, but {ckpt_path} does not exist")
-if init_from == 'scratch' and os.path.exists(ckpt_path) and not overwrite:
+if init_from != 'resume' and os.path.exists(ckpt_path) and not overwrite:
     raise SystemExit(f"{ckpt_path} exists: continue that run with --init_from=resume, train into another "
                      "--out_dir, or replace it with --overwrite=True")
+if retrofit_from is not None and os.path.abspath(retrofit_from) == os.path.abspath(ckpt_path):
+    raise SystemExit(f"--init_from={init_from} is this run's own checkpoint; use --init_from=resume to continue it")
 if dtype not in ('float32', 'bfloat16'):
     raise SystemExit(f"dtype must be 'float32' or 'bfloat16', got '{dtype}'")
 device_type = 'cuda' if device.startswith('cuda') else 'cpu'
@@ -131,7 +148,7 @@ autocast = nullcontext() if dtype == 'float32' else torch.autocast(device_type, 
 # Batch positions come from a generator seeded by the batch's coordinates, never from a
 # running RNG: so resuming at iteration i replays the uninterrupted stream, and the global
 # batch of an iteration is the same for any number of processes.
-TRAIN_STREAM, EVAL_STREAM = 0, 1
+TRAIN_STREAM, EVAL_STREAM, CALIBRATION_STREAM = 0, 1, 2
 
 
 def get_batch(split, *coordinates):
@@ -142,15 +159,48 @@ def get_batch(split, *coordinates):
 
 # model ------------------------------------------------------------------------
 MODEL_KEYS = ('n_layer', 'n_head', 'n_embd', 'dar_window', 'dar_rank', 'dar_maps', 'attn_impl', 'rotary_pct', 'parallel_residual')
-overrides = {k: config[k] for k in MODEL_KEYS if config[k] is not None}
+RETROFIT_KEYS = ('dar_window', 'dar_rank', 'dar_maps', 'attn_impl')  # what a retrofit may change, with block_size
+
+
+def load_base(source):
+    """(model_args, state_dict, optimizer state or None) of the trained model a retrofit starts from."""
+    if os.path.isfile(source):
+        ckpt = load_checkpoint(source, device)
+        return ckpt['model_args'], ckpt['model'], ckpt.get('optimizer')
+    try:
+        args, state = load_neox(source)
+    except ValueError as e:
+        raise SystemExit(f"--init_from={source}: not a checkpoint file, and {e}") from None
+    return args, state, None
+
+
+def retrofit_config(base_args):
+    """The base model's shape with this run's attention settings and context."""
+    given = {k: config[k] for k in ('n_layer', 'n_head', 'n_embd') if config[k] is not None}
+    if clashes := [f"{k}={v} (the base has {base_args[k]})" for k, v in given.items() if base_args[k] != v]:
+        raise SystemExit(f"{', '.join(clashes)}: a retrofit keeps the base model's shape; leave these unset")
+    if data.vocab_size > base_args['vocab_size']:
+        raise SystemExit(f"dataset {dataset} has {data.vocab_size} token ids, the base model only "
+                         f"{base_args['vocab_size']}; prepare the data with the model's own tokenizer "
+                         "(prepare.py --tokenizer=hf:<model>)")
+    return GPTConfig(**{**base_args, **{k: config[k] for k in RETROFIT_KEYS}, 'block_size': block_size})
+
+
+checkpoint = base = None
 try:
-    model_config = GPTConfig.from_preset(preset, **overrides, block_size=block_size, vocab_size=data.vocab_size)
+    if init_from == 'resume':
+        checkpoint = load_checkpoint(ckpt_path, device)
+        retrofit_from = checkpoint.get('retrofit_from')
+    if retrofit_from is not None:
+        base = load_base(retrofit_from) if checkpoint is None else None
+        model_config = retrofit_config(checkpoint['model_args'] if checkpoint else base[0])
+    else:
+        overrides = {k: config[k] for k in MODEL_KEYS if config[k] is not None}
+        model_config = GPTConfig.from_preset(preset, **overrides, block_size=block_size, vocab_size=data.vocab_size)
 except ValueError as e:
     raise SystemExit(f"model settings: {e}")
 model_args = dataclasses.asdict(model_config)
-checkpoint = None
-if init_from == 'resume':
-    checkpoint = load_checkpoint(ckpt_path, device)
+if checkpoint is not None:
     # attn_impl only picks among exact implementations of the same math, so it may change
     clashes = [f"{k}: checkpoint {v!r}, now {model_args.get(k)!r}" for k, v in checkpoint['model_args'].items()
                if k != 'attn_impl' and model_args.get(k) != v]
@@ -158,9 +208,22 @@ if init_from == 'resume':
         raise SystemExit(f"cannot resume {ckpt_path}: the settings give a different model ({'; '.join(clashes)}); "
                          "resume with the settings it was trained with")
 model = GPT(model_config)
+new_params = []
 if checkpoint is not None:
     model.load_state_dict(checkpoint['model'])
+elif base is not None:
+    try:
+        new_params = model.load_base_weights(base[1], retrofit_from)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
 model.to(device)
+if base is not None and model_config.has_latents and latent_init == 'calibrated':
+    # the same batches on every process, so every replica starts from the same maps
+    model.calibrate_latents(get_batch('train', CALIBRATION_STREAM, k)[0] for k in range(calibration_batches))
+if master and base is not None:
+    print(f"retrofit of {retrofit_from} to {model_config.regime} attention; new: "
+          f"{', '.join(sorted({n.rsplit('.', 1)[-1] for n in new_params})) or 'nothing'}"
+          f"{f' ({latent_init} latent maps)' if new_params else ''}")
 raw_model = model  # the plain module: checkpoints and eval use it, not the compiled or DDP wrapper
 if master:
     print(f"model: {model_config.regime} attention, {model.get_num_params():,} parameters "
@@ -174,6 +237,15 @@ if checkpoint is not None:
     iter_num, best_val_loss = checkpoint['iter_num'], checkpoint['best_val_loss']
     saved_iter = iter_num
     checkpoint = None  # free it
+elif base is not None and base[2] is not None:
+    # AdamW moments of the base's parameters carry over; the new latent maps start from none
+    with torch.device('meta'):
+        base_names = sum(GPT(GPTConfig(**base[0])).param_groups(), [])
+    by_name = {base_names[i]: state for i, state in base[2]['state'].items()}
+    resumed = optimizer.state_dict()
+    resumed['state'] = {i: by_name[n] for i, n in enumerate(sum(model.param_groups(), [])) if n in by_name}
+    optimizer.load_state_dict(resumed)
+base = None  # free it
 if compile:
     model = torch.compile(model)
 if ddp:
@@ -252,6 +324,7 @@ def save_checkpoint():
         'iter_num': iter_num,
         'best_val_loss': best_val_loss,
         'config': config,
+        'retrofit_from': retrofit_from,
     }
     # an interruption never leaves a truncated checkpoint behind
     write_atomically(ckpt_path, lambda f: torch.save(checkpoint, f))
