@@ -21,6 +21,15 @@ whose recorded settings differ from the ones asked for is an error, never silent
 After training every run is evaluated (evaluate.py: loss by position; recall accuracy on a
 recall dataset). Writes <out_dir>/results.json, results.md, val_loss.png,
 loss_by_position.png and memory_quality.png.
+
+Retrofit (the paper's second experiment): every run starts from the same trained full-attention
+model and continues on the same data for the same steps; the control is full attention:
+
+    python compare.py config/retrofit_cpu.py --init_from=out-compare-cpu/full-seed1337/ckpt.pt
+
+runs full, dar (calibrated latent maps), dar-...-random (random maps), uniform (calibrated) and
+local; the table adds the loss at step 0 and the first step at which each run comes within 1%
+of the control's loss, and val_loss.png shows the recovery from step 0.
 """
 import json
 import math
@@ -84,7 +93,16 @@ if not seed_list:
     raise SystemExit("seeds is empty: give at least one (e.g. --seeds=1337,1338)")
 if 'seed' in train_settings:
     raise SystemExit("compare.py sets each run's seed: use --seeds (e.g. --seeds=1337,1338)")
-runs = [Run(setting, seed) for seed in seed_list for setting in regime_grid(regime_names, window_list, rank_list)]
+init_from = train_settings.get('init_from', 'scratch')
+if init_from == 'resume':
+    raise SystemExit("compare.py continues unfinished runs by itself: leave init_from out (or give the model to "
+                     "retrofit: --init_from=<ckpt.pt or GPT-NeoX model>)")
+retrofit = init_from != 'scratch'
+settings_grid = regime_grid(regime_names, window_list, rank_list)
+# a retrofit also runs dar with random latent maps: what the calibration is worth
+RANDOM_MAPS = {s.name + '-random' for s in settings_grid if s.regime == 'dar'} if retrofit else set()
+settings_grid += [s._replace(name=s.name + '-random') for s in settings_grid if s.name + '-random' in RANDOM_MAPS]
+runs = [Run(setting, seed) for seed in seed_list for setting in settings_grid]
 reference_window = min(window_list) if window_list else None  # W of the long-context gain, for every run
 
 
@@ -93,8 +111,11 @@ def run_dir(run):
 
 
 def settings_of(run):
-    return {**train_settings, 'dar_window': run.setting.dar_window, 'dar_rank': run.setting.dar_rank,
-            'seed': run.seed, 'out_dir': run_dir(run)}
+    settings = {**train_settings, 'dar_window': run.setting.dar_window, 'dar_rank': run.setting.dar_rank,
+                'seed': run.seed, 'out_dir': run_dir(run)}
+    if retrofit:
+        settings['latent_init'] = 'random' if run.setting.name in RANDOM_MAPS else 'calibrated'
+    return settings
 
 
 def check_reuse(run, settings):
@@ -165,6 +186,7 @@ def summarize(run):
         'params': model.get_num_params(),
         'iters': records[-1]['iter'], 'tokens': records[-1]['tokens'],
         'val_loss': records[-1]['val_loss'], 'perplexity': math.exp(records[-1]['val_loss']),
+        'val_loss_start': records[0]['val_loss'] if records[0]['iter'] == 0 else None,
         # the median leaves out the first interval's start-up (and compile) time
         'tokens_per_sec': statistics.median(throughputs) if throughputs else None,
         'kv_bytes_per_token': model.new_cache(1, T, dtype=cache_dtype).nbytes() / T,
@@ -195,6 +217,13 @@ def per_position(curves, reduce):
             for vs in zip(*curves)]
 
 
+def steps_to_control(run, control, tolerance=0.01):
+    """The first eval step at which run's val loss is within `tolerance` (relative) of the control's
+    at the same step; None if it never is."""
+    ok = [it for (it, loss), (_, ref) in zip(run['curve'], control['curve']) if loss <= ref * (1 + tolerance)]
+    return ok[0] if ok else None
+
+
 def summarize_setting(rs, full_by_seed):
     """Mean and spread over the seeds of one setting (rs: its runs)."""
     first = rs[0]
@@ -207,6 +236,8 @@ def summarize_setting(rs, full_by_seed):
         # same seed's full-attention run is the sharper measure
         'val_loss_minus_full': mean_spread([r['val_loss'] - full_by_seed[r['seed']]['val_loss']
                                             for r in rs if r['seed'] in full_by_seed]),
+        'val_loss_start': mean_spread([r['val_loss_start'] for r in rs]),
+        'steps_to_within_1pct': [steps_to_control(r, full_by_seed[r['seed']]) for r in rs if r['seed'] in full_by_seed],
         'tokens_per_sec': mean_spread([r['tokens_per_sec'] for r in rs]),
         'long_context_gain': mean_spread([r['long_context_gain'] for r in rs]),
         'loss_by_position': per_position([r['loss_by_position'] for r in rs], statistics.fmean),
@@ -237,19 +268,30 @@ def write_report(results):
         f"mean ± sample std over seeds {', '.join(map(str, seed_list))}. KV-cache bytes per token at the "
         f"training context, batch 1. {gain_note}",
     ]
+    if retrofit:
+        lines.append(f"Every run starts from {init_from}; 'within 1%': the first eval step at which a run's val loss "
+                     f"is within 1% of full attention's at that step, per seed ('never': not within "
+                     f"{first['iters']} steps).")
     if recall:
         lines.append(f"Recall accuracy on {first['recall_answers']} test answers; chance "
                      f"{first['recall_chance']:.3f}, shortcut without binding keys to values {first['recall_shortcut']:.3f}.")
     buckets = list(first.get('recall_accuracy_by_distance', {}))
-    header = ["regime", "window W", "rank r", "val loss", "minus full (same seed)", "long-ctx gain"]
+    header = ["regime", "window W", "rank r"] + (["latent maps", "val loss at step 0"] if retrofit else [])
+    header += ["val loss", "minus full (same seed)"] + (["within 1% at step"] if retrofit else []) + ["long-ctx gain"]
     if recall:
         header += ["recall acc"] + [f"acc @ dist {b}" for b in buckets]
     header += ["tokens/s", "KV bytes/token", "KV vs full", "params"]
     lines += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, s in summary.items():
         row = [s['regime'], '-' if s['regime'] in ('full', 'uniform') else s['dar_window'],
-               '-' if s['regime'] in ('full', 'local') else s['dar_rank'],
-               fmt(s['val_loss'], 4), fmt(s['val_loss_minus_full'], 4), fmt(s['long_context_gain'], 4)]
+               '-' if s['regime'] in ('full', 'local') else s['dar_rank']]
+        if retrofit:
+            maps = '-' if s['regime'] in ('full', 'local') else 'random' if name in RANDOM_MAPS else 'calibrated'
+            row += [maps, fmt(s['val_loss_start'], 4)]
+        row += [fmt(s['val_loss'], 4), fmt(s['val_loss_minus_full'], 4)]
+        if retrofit:
+            row.append(', '.join('never' if it is None else str(it) for it in s['steps_to_within_1pct']))
+        row.append(fmt(s['long_context_gain'], 4))
         if recall:
             row += [fmt(s['recall_accuracy'], 3)] + [fmt(s['recall_accuracy_by_distance'][b], 3) for b in buckets]
         speed = s['tokens_per_sec']
@@ -280,11 +322,12 @@ def plot_curves(results, names):
     full_curves = {r['seed']: r['curve'] for r in results if r['regime'] == 'full'}
     for name in names:
         rs = [r for r in results if r['name'] == name]
-        iters = [it for it, _ in rs[0]['curve']][1:]  # from the first eval after step 0
-        losses = [[loss for _, loss in r['curve']][1:] for r in rs]
+        first = 0 if retrofit else 1  # a retrofit's curve starts at the converted model; a scratch one's after step 0
+        iters = [it for it, _ in rs[0]['curve']][first:]
+        losses = [[loss for _, loss in r['curve']][first:] for r in rs]
         panels = [(ax, losses)]
         if full_curves:  # the same seed's full-attention loss subtracted: what the regime costs
-            diffs = [[loss - f for loss, (_, f) in zip(l, full_curves[r['seed']][1:])] for l, r in zip(losses, rs)]
+            diffs = [[loss - f for loss, (_, f) in zip(l, full_curves[r['seed']][first:])] for l, r in zip(losses, rs)]
             panels.append((ax_diff, diffs))
         for axis, curves in panels:
             per_step = list(zip(*curves))
