@@ -476,3 +476,166 @@ def test_compare_sweep_never_reuses_other_settings(recall, tmp_path):
     assert 'Traceback' not in proc.stderr
     proc = run('compare.py', *common, '--dar_rank=2', '--dar_ranks=2,4', cwd=tmp_path, check=False)
     assert proc.returncode != 0 and 'give the values as --dar_ranks' in proc.stderr
+
+# retrofit: starting from a trained model ----------------------------------------------------------
+
+
+@pytest.fixture(scope='module')
+def full_run(shakespeare, tmp_path_factory):
+    """A full-attention run of 6 iterations: the base model of the retrofit tests."""
+    out = tmp_path_factory.mktemp('full')
+    run('train.py', *MODEL, '--block_size=32', f'--dataset={shakespeare[0]}', f'--out_dir={out}', '--max_iters=6',
+        '--eval_interval=6', cwd=out)
+    return out
+
+
+def test_retrofit_from_a_checkpoint_trains_and_resumes(shakespeare, full_run, tmp_path):
+    base = ['--block_size=32', f'--dataset={shakespeare[0]}', f'--init_from={full_run / "ckpt.pt"}']
+    # switched to full attention again, the model is the base model: the same loss on the same batches
+    run('train.py', *MODEL, *base, f'--out_dir={tmp_path / "same"}', '--max_iters=0', cwd=tmp_path)
+    assert read_log(tmp_path / 'same')[0]['val_loss'] == read_log(full_run)[-1]['val_loss']
+    common = [*MODEL, *base, '--dar_window=8', '--dar_rank=4', '--eval_interval=2', '--lr_decay_iters=4']
+    proc = run('train.py', *common, f'--out_dir={tmp_path / "straight"}', '--max_iters=4', cwd=tmp_path)
+    assert 'retrofit of' in proc.stdout and 'calibrated latent maps' in proc.stdout
+    straight = torch.load(tmp_path / 'straight' / 'ckpt.pt', weights_only=True)
+    assert straight['retrofit_from'] == str(full_run / 'ckpt.pt') and straight['model_args']['dar_rank'] == 4
+    assert straight['optimizer']['state'], "AdamW moments carried over or built up"
+    # interrupted after 2 iterations and resumed (without init_from: the checkpoint knows its base)
+    run('train.py', *common, f'--out_dir={tmp_path / "resumed"}', '--max_iters=2', cwd=tmp_path)
+    resume = [a for a in common if not a.startswith('--init_from')] + ['--init_from=resume']
+    run('train.py', *resume, f'--out_dir={tmp_path / "resumed"}', '--max_iters=4', cwd=tmp_path)
+    resumed = torch.load(tmp_path / 'resumed' / 'ckpt.pt', weights_only=True)
+    for name, tensor in straight['model'].items():
+        assert torch.equal(resumed['model'][name], tensor), name
+
+
+@pytest.mark.parametrize('args, message', [
+    (['--n_embd=64'], "keeps the base model's shape"),
+    (['--latent_init=pca'], "latent_init must be 'calibrated' or 'random'"),
+])
+def test_retrofit_bad_settings(shakespeare, full_run, tmp_path, args, message):
+    proc = run('train.py', *MODEL, '--block_size=32', f'--dataset={shakespeare[0]}', f'--out_dir={tmp_path}',
+               f'--init_from={full_run / "ckpt.pt"}', '--dar_window=8', *args, cwd=tmp_path, check=False)
+    assert proc.returncode != 0 and message in proc.stderr and 'Traceback' not in proc.stderr
+
+
+def test_retrofit_from_a_missing_model_is_named(shakespeare, full_run, tmp_path):
+    proc = run('train.py', *MODEL, '--block_size=32', f'--dataset={shakespeare[0]}', f'--out_dir={tmp_path}',
+               f'--init_from={tmp_path / "no-such-model"}', cwd=tmp_path, check=False)
+    assert proc.returncode != 0 and 'not a checkpoint file' in proc.stderr and 'no-such-model' in proc.stderr
+    assert 'Traceback' not in proc.stderr
+    proc = run('train.py', *MODEL, '--block_size=32', f'--dataset={shakespeare[0]}', f'--out_dir={full_run}',
+               f'--init_from={full_run / "ckpt.pt"}', '--overwrite=True', cwd=tmp_path, check=False)
+    assert proc.returncode != 0 and "this run's own checkpoint" in proc.stderr
+
+
+def local_hf_model(path, text):
+    """A byte-level BPE tokenizer trained on text and a random GPT-NeoX of its vocabulary, saved to path."""
+    transformers = pytest.importorskip('transformers')
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    tok.train_from_iterator([text], trainers.BpeTrainer(vocab_size=300, special_tokens=[prepare.EOT],
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    hf_tok = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=prepare.EOT)
+    hf_tok.save_pretrained(path)
+    cfg = transformers.GPTNeoXConfig(vocab_size=len(hf_tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=128, max_position_embeddings=64)
+    transformers.GPTNeoXForCausalLM(cfg).save_pretrained(path)
+    return hf_tok
+
+
+def test_retrofit_of_a_hugging_face_model_with_its_tokenizer(tmp_path):
+    text = "Now is the winter of our discontent\nMade glorious summer by this sun of York;\n" * 40
+    hf_tok = local_hf_model(tmp_path / 'model', text)
+    for i in range(4):
+        (tmp_path / f'doc{i}.txt').write_text(text[i * 50:] + f"<|endoftext|> literal {i}\n", encoding='utf-8')
+    meta = prepare.main(['--files', str(tmp_path / 'doc*.txt'), f'--tokenizer=hf:{tmp_path / "model"}',
+                         '--val_every=2', '--out_dir', str(tmp_path / 'data')])
+    assert meta['tokenizer']['kind'] == 'hf' and meta['vocab_size'] == len(hf_tok)
+    assert meta['eot_token'] == hf_tok.eos_token_id
+    encode, decode = prepare.load_tokenizer(meta)
+    ids = read_tokens(tmp_path / 'data', 'train', meta)
+    # the model's own ids; a literal <|endoftext|> inside a document stays text, only the document's end is EOT
+    assert ids[:20] == hf_tok(text[:200], add_special_tokens=False)['input_ids'][:20]
+    assert ids.count(meta['eot_token']) == meta['train_docs']
+    assert decode(ids).startswith(text[:100]) and encode('the sun') == hf_tok('the sun')['input_ids']
+    proc = run('train.py', '--device=cpu', '--dtype=float32', '--batch_size=2', '--eval_iters=1', '--block_size=32',
+               f'--dataset={tmp_path / "data"}', f'--init_from={tmp_path / "model"}', '--dar_window=8',
+               f'--out_dir={tmp_path / "out"}', '--max_iters=2', '--eval_interval=2', cwd=tmp_path)
+    assert 'retrofit of' in proc.stdout
+    log = read_log(tmp_path / 'out')
+    assert [r['iter'] for r in log] == [0, 2]
+
+
+# completion-only SFT data ---------------------------------------------------------------------------
+
+
+def sft_file(path, rows):
+    path.write_text(''.join(r if isinstance(r, str) else json.dumps(r) + '\n' for r in rows), encoding='utf-8')
+    return str(path)
+
+
+PAIRS = [{'q': f'Who speaks in scene {i}? ' * (1 + i % 3), 'a': f' The duke, {i} times.'} for i in range(9)]
+
+
+@pytest.mark.parametrize('pack', [False, True])
+def test_sft_examples_mask_exactly_the_response(tmp_path, pack):
+    path = sft_file(tmp_path / 'pairs.jsonl', PAIRS)
+    meta = prepare.main(['--sft', path, '--prompt_field=q', '--response_field=a', '--block_size=24', '--val_every=3',
+                         '--out_dir', str(tmp_path / 'sft')] + (['--pack'] if pack else []))
+    encode, _ = prepare.load_tokenizer(meta)
+    eot, L = meta['eot_token'], 25
+    train_pairs = [p for i, p in enumerate(PAIRS) if i % 3 != 2]
+    want_ids, want_mask = [], []
+    for p in train_pairs:
+        prompt, response = encode(p['q']), encode(p['a']) + [eot]
+        ids, mask = prompt + response, [0] * len(prompt) + [1] * len(response)
+        if not pack:  # one pair per example: a long prompt loses its start, padding is outside the loss
+            ids, mask = ids[-L:], mask[-L:]
+            ids, mask = ids + [eot] * (L - len(ids)), mask + [0] * (L - len(mask))
+        want_ids += ids
+        want_mask += mask
+    if pack:  # back to back, the last example padded
+        pad = -len(want_ids) % L
+        want_ids, want_mask = want_ids + [eot] * pad, want_mask + [0] * pad
+    assert read_tokens(tmp_path / 'sft', 'train', meta) == want_ids
+    assert np.fromfile(tmp_path / 'sft' / 'train.mask.bin', dtype=np.uint8).tolist() == want_mask
+    assert meta['format'] == 'examples' and meta['example_length'] == L
+    assert meta['train_examples'] == len(want_ids) // L and meta['source']['pairs'] == {'train': 6, 'val': 3}
+    # what training sees: targets only where the mask says, -1 on every prompt and padding token
+    x, y = Dataset(str(tmp_path / 'sft')).sequences('train', [0], L - 1)
+    assert x[0].tolist() == want_ids[:L - 1]
+    assert y[0].tolist() == [t if m else -1 for t, m in zip(want_ids[1:L], want_mask[1:L])]
+
+
+@pytest.mark.parametrize('line, message', [
+    ({'q': 'a prompt'}, r"pairs\.jsonl:3: no field 'a' \(fields: q\).*--response_field"),
+    ({'a': 'a response'}, r"pairs\.jsonl:3: no field 'q'.*--prompt_field"),
+    ('{"q": "a prompt", "a": \n', r"pairs\.jsonl:3: not valid JSON"),
+    ({'q': 'a prompt', 'a': '  '}, r"pairs\.jsonl:3: field 'a' is empty"),
+    ({'q': 'a prompt', 'a': 7}, r"pairs\.jsonl:3: field 'a' holds int, not text"),
+    ({'q': 'a prompt', 'a': 'far too long ' * 20}, r"pairs\.jsonl:3: the response is \d+ tokens.*raise --block_size"),
+])
+def test_sft_bad_rows_name_file_and_line(tmp_path, line, message):
+    path = sft_file(tmp_path / 'pairs.jsonl', [*PAIRS[:2], line, *PAIRS[2:]])
+    args = ['--sft', path, '--prompt_field=q', '--response_field=a', '--block_size=24', '--out_dir', str(tmp_path / 'o')]
+    with pytest.raises(SystemExit, match=message):
+        prepare.main(args)
+    assert not (tmp_path / 'o').exists()
+
+
+def test_compare_retrofit(shakespeare, full_run, tmp_path):
+    run('compare.py', *COMPARE, f'--dataset={shakespeare[0]}', f'--out_dir={tmp_path}', '--dar_window=8',
+        f'--init_from={full_run / "ckpt.pt"}', '--seeds=1337', cwd=tmp_path)  # the base's seed: its eval batches
+    results = json.loads((tmp_path / 'results.json').read_text())
+    summary = results['summary']
+    assert list(summary) == ['full', 'dar-W8', 'uniform', 'local-W8', 'dar-W8-random']
+    settings = {r['name']: json.loads((tmp_path / f"{r['name']}-seed1337" / 'settings.json').read_text())
+                for r in results['runs']}
+    assert settings['dar-W8']['latent_init'] == 'calibrated' and settings['dar-W8-random']['latent_init'] == 'random'
+    # every run starts from the base model: full attention at step 0 is exactly it
+    assert summary['full']['val_loss_start'][0] == read_log(full_run)[-1]['val_loss']
+    assert summary['full']['steps_to_within_1pct'] == [0]
+    table = (tmp_path / 'results.md').read_text()
+    assert '| dar | 8 | 4 | calibrated |' in table and '| dar | 8 | 4 | random |' in table
