@@ -27,6 +27,7 @@ import math
 import os
 import sys
 import time
+from collections import namedtuple
 from contextlib import nullcontext
 
 import numpy as np
@@ -162,16 +163,17 @@ MODEL_KEYS = ('n_layer', 'n_head', 'n_embd', 'dar_window', 'dar_rank', 'dar_maps
 RETROFIT_KEYS = ('dar_window', 'dar_rank', 'dar_maps', 'attn_impl')  # what a retrofit may change, with block_size
 
 
+Base = namedtuple('Base', 'model_args state_dict optimizer')  # the trained model a retrofit starts from
+
+
 def load_base(source):
-    """(model_args, state_dict, optimizer state or None) of the trained model a retrofit starts from."""
     if os.path.isfile(source):
         ckpt = load_checkpoint(source, device)
-        return ckpt['model_args'], ckpt['model'], ckpt.get('optimizer')
+        return Base(ckpt['model_args'], ckpt['model'], ckpt.get('optimizer'))
     try:
-        args, state = load_neox(source)
+        return Base(*load_neox(source), optimizer=None)
     except ValueError as e:
         raise SystemExit(f"--init_from={source}: not a checkpoint file, and {e}") from None
-    return args, state, None
 
 
 def retrofit_config(base_args):
@@ -193,7 +195,7 @@ try:
         retrofit_from = checkpoint.get('retrofit_from')
     if retrofit_from is not None:
         base = load_base(retrofit_from) if checkpoint is None else None
-        model_config = retrofit_config(checkpoint['model_args'] if checkpoint else base[0])
+        model_config = retrofit_config(checkpoint['model_args'] if checkpoint else base.model_args)
     else:
         overrides = {k: config[k] for k in MODEL_KEYS if config[k] is not None}
         model_config = GPTConfig.from_preset(preset, **overrides, block_size=block_size, vocab_size=data.vocab_size)
@@ -213,11 +215,11 @@ if checkpoint is not None:
     model.load_state_dict(checkpoint['model'])
 elif base is not None:
     try:
-        new_params = model.load_base_weights(base[1], retrofit_from)
+        new_params = model.load_base_weights(base.state_dict, retrofit_from)
     except ValueError as e:
         raise SystemExit(str(e)) from None
 model.to(device)
-if base is not None and model_config.has_latents and latent_init == 'calibrated':
+if new_params and latent_init == 'calibrated':
     # the same batches on every process, so every replica starts from the same maps
     model.calibrate_latents(get_batch('train', CALIBRATION_STREAM, k)[0] for k in range(calibration_batches))
 if master and base is not None:
@@ -237,11 +239,11 @@ if checkpoint is not None:
     iter_num, best_val_loss = checkpoint['iter_num'], checkpoint['best_val_loss']
     saved_iter = iter_num
     checkpoint = None  # free it
-elif base is not None and base[2] is not None:
+elif base is not None and base.optimizer is not None:
     # AdamW moments of the base's parameters carry over; the new latent maps start from none
     with torch.device('meta'):
-        base_names = sum(GPT(GPTConfig(**base[0])).param_groups(), [])
-    by_name = {base_names[i]: state for i, state in base[2]['state'].items()}
+        base_names = sum(GPT(GPTConfig(**base.model_args)).param_groups(), [])
+    by_name = {base_names[i]: state for i, state in base.optimizer['state'].items()}
     resumed = optimizer.state_dict()
     resumed['state'] = {i: by_name[n] for i, n in enumerate(sum(model.param_groups(), [])) if n in by_name}
     optimizer.load_state_dict(resumed)
