@@ -162,14 +162,14 @@ def naive_attention(q, k, v, window, maps):
     T, d = q.shape[-2:]
     dist = _distance(T, T, 0, q.device)
     local = dist >= 0 if window is None else (dist >= 0) & (dist < window)
-    scores = (q @ k.transpose(-2, -1)) / math.sqrt(d)
+    scores = (q.float() @ k.float().transpose(-2, -1)) / math.sqrt(d)
     if maps is None or window is None:
-        return torch.softmax(scores.float().masked_fill(~local, float('-inf')), -1).to(q.dtype) @ v
+        return torch.softmax(scores.masked_fill(~local, float('-inf')), -1).to(q.dtype) @ v
     down_k, up_k, down_v, up_v = maps
     far = dist >= window
     k_far, v_far = k @ down_k @ up_k, v @ down_v @ up_v  # distant keys/values rebuilt in d dims
-    scores = torch.where(far, (q @ k_far.transpose(-2, -1)) / math.sqrt(d), scores)
-    p = torch.softmax(scores.float().masked_fill(~(local | far), float('-inf')), -1).to(q.dtype)
+    scores = torch.where(far, (q.float() @ k_far.float().transpose(-2, -1)) / math.sqrt(d), scores)
+    p = torch.softmax(scores.masked_fill(~(local | far), float('-inf')), -1).to(q.dtype)
     return (p * local) @ v + (p * far) @ v_far
 
 
@@ -194,8 +194,9 @@ def sdpa_attention(q, k, v, window, maps):
 
 def _masked_scores(q, keys, blocked, blocked_from=0):
     """Float scores q . keys, -inf where blocked (a mask of the key columns blocked_from
-    onwards; the columns before it are all allowed)."""
-    s = (q @ keys.transpose(-2, -1)).float()
+    onwards; the columns before it are all allowed). The product itself runs in float32: a
+    bf16 matmul would round every score to bf16 before the softmax sees it."""
+    s = q.float() @ keys.float().transpose(-2, -1)
     if blocked is not None:
         s[..., blocked_from:].masked_fill_(blocked, float('-inf'))
     return s
@@ -418,11 +419,18 @@ class DARAttention(nn.Module):
         B, T, C = x.shape
         q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if cache is not None:
-            y = cache.attend(self.layer_idx, q, k, v, self.latent_maps())
-        else:
-            impl = resolve_attn_impl(self.config, T, x.device)
-            y = ATTENTION[impl](q, k, v, self.config.window, self.latent_maps())
+        maps = self.latent_maps()
+        if maps is not None:  # under autocast q, k, v are bf16 and the maps' parameters float32
+            maps = tuple(m.to(q.dtype) for m in maps)
+        # The attention runs outside autocast, in the dtype autocast chose for q, k, v: its float32
+        # scores then stay float32 (autocast would run a float32 matmul in bf16), and the fused
+        # backward, which autograd runs outside any autocast, sees the dtypes its forward saw.
+        with torch.autocast(x.device.type, enabled=False):
+            if cache is not None:
+                y = cache.attend(self.layer_idx, q, k, v, maps)
+            else:
+                impl = resolve_attn_impl(self.config, T, x.device)
+                y = ATTENTION[impl](q, k, v, self.config.window, maps)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
 
 
@@ -512,7 +520,7 @@ class GPT(nn.Module):
                 raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}; "
                                  "crop the input or use a KV cache (model.new_cache) for generation")
         else:
-            start = cache.check(idx, self.transformer.wte.weight.dtype)
+            start = cache.check(idx, self.compute_dtype(idx.device))
         cos, sin = rotary_cos_sin(torch.arange(start, start + T, device=idx.device),
                                   self.rot_dim, self.config.rotary_base)
         x = self.transformer.drop(self.transformer.wte(idx))
@@ -561,11 +569,20 @@ class GPT(nn.Module):
     # ------------------------------------------------------------------------------------------
     # Inference
 
+    def compute_dtype(self, device):
+        """The dtype the attention computes in, and so the one the KV cache holds: autocast's
+        where autocast is on for device, else the weights'."""
+        device_type = torch.device(device).type
+        if device_type != 'meta' and torch.is_autocast_enabled(device_type):
+            return torch.get_autocast_dtype(device_type)
+        return self.transformer.wte.weight.dtype
+
     def new_cache(self, batch_size, max_seq_len, device=None, dtype=None):
-        p = next(self.parameters())
-        return KVCache(self.config, batch_size, max_seq_len,
-                       device=p.device if device is None else device,
-                       dtype=p.dtype if dtype is None else dtype)
+        """A KV cache for batch_size sequences of up to max_seq_len tokens, by default on the
+        model's device and in its compute dtype (so call it under the autocast you decode with)."""
+        device = self.transformer.wte.weight.device if device is None else device
+        return KVCache(self.config, batch_size, max_seq_len, device=device,
+                       dtype=self.compute_dtype(device) if dtype is None else dtype)
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_token=None):

@@ -1,6 +1,7 @@
 """Correctness of model.py against slow, obvious references: the naive path for attention,
 full-context forwards for the KV cache. Run: python -m pytest -q"""
 
+import contextlib
 import math
 import warnings
 
@@ -42,10 +43,13 @@ def rel_err(a, b):
     return ((a - b).abs().max() / b.abs().max().clamp(min=1e-12)).item()
 
 
-def logits_and_grads(m, idx, impl):
+def logits_and_grads(m, idx, impl, autocast=None):
+    """Logits and gradients; with autocast, the forward runs under it and the backward outside,
+    as in train.py."""
     m.config.attn_impl = impl
     m.zero_grad(set_to_none=True)
-    logits, loss = m(idx, idx)
+    with autocast or contextlib.nullcontext():
+        logits, loss = m(idx, idx)
     loss.backward()
     grads = {n: (p.grad.clone() if p.grad is not None else torch.zeros_like(p)) for n, p in m.named_parameters()}
     return logits.detach(), grads
@@ -142,6 +146,42 @@ def test_bf16_sdpa_and_fused_agree(regime):
     assert rel_err(logits.float(), ref_logits.float()) < 3e-2
     for name, g in ref_grads.items():
         assert rel_err(grads[name].float(), g.float()) < 6e-2, name
+
+
+def autocast_bf16():
+    return torch.autocast('cpu', dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize('regime', list(REGIMES))
+@pytest.mark.parametrize('T', [W - 1, W, W + 1, 43])
+def test_paths_agree_under_autocast(regime, T):
+    # float32 weights, bf16 autocast (train.py's CUDA setting): the fused backward used to meet
+    # bf16 keys and float32 maps outside autocast and raise.
+    m = make_model(regime)
+    idx = torch.randint(0, 97, (2, T), generator=torch.Generator().manual_seed(T))
+    ref_logits, ref_grads = logits_and_grads(m, idx, 'naive', autocast_bf16())
+    for impl in ('sdpa', 'fused'):
+        logits, grads = logits_and_grads(m, idx, impl, autocast_bf16())
+        assert torch.isfinite(logits.float()).all()
+        assert rel_err(logits.float(), ref_logits.float()) < 3e-2, impl
+        for name, g in ref_grads.items():
+            assert grads[name].dtype == torch.float32 and torch.isfinite(grads[name]).all()
+            assert rel_err(grads[name], g) < 6e-2 or (g.abs().max() == 0 and grads[name].abs().max() == 0), \
+                (impl, name)
+    fp32_logits, _ = logits_and_grads(m, idx, 'naive')  # autocast changes rounding, not the model
+    assert rel_err(ref_logits.float(), fp32_logits) < 3e-2
+
+
+def test_fused_scores_are_float32_under_bf16():
+    # Sharp attention (scores of tens): bf16 scores (8 bits of mantissa) moved the output by 4%
+    # here; with float32 scores what is left is bf16 rounding of p and of the output.
+    g = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(1, 2, 20, 8, generator=g) for _ in range(3))
+    q, k, v = (30 * q).to(torch.bfloat16), k.to(torch.bfloat16), v.to(torch.bfloat16)
+    exact = model.naive_attention(q.float(), k.float(), v.float(), None, None)
+    for impl in ('naive', 'fused'):
+        got = model.ATTENTION[impl](q, k, v, None, None).float()
+        assert rel_err(got, exact) < 1e-2, impl
 
 
 def test_fused_empty_sets_give_no_nan():
@@ -258,6 +298,22 @@ def test_cached_decoding_bf16(regime):
         got = cached_logits(m, idx, W + 3, m.new_cache(2, 45)).float()
     assert torch.isfinite(got).all()
     assert rel_err(got, ref) < 3e-2
+
+
+@pytest.mark.parametrize('regime', list(REGIMES))
+def test_cached_decoding_under_autocast(regime):
+    # float32 weights under bf16 autocast: the cache holds bf16, what the attention computes in.
+    m = make_model(regime, attn_impl='naive').eval()
+    idx = torch.randint(0, 97, (2, 45), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad(), autocast_bf16():
+        ref = m(idx)[0].float()
+        cache = m.new_cache(2, 45)
+        assert cache.dtype == torch.bfloat16
+        got = cached_logits(m, idx, W + 3, cache).float()
+        assert m.generate(idx[:, :W + 1], 6, temperature=0).shape == (2, W + 7)
+    assert torch.isfinite(got).all()
+    assert rel_err(got, ref) < 3e-2
+    assert m.new_cache(2, 45).dtype == torch.float32  # outside autocast: the weights' dtype
 
 
 @pytest.mark.parametrize('regime', list(REGIMES))
