@@ -276,7 +276,7 @@ def cached_logits(m, idx, prompt_len, cache):
 
 
 @pytest.mark.parametrize('regime', list(REGIMES))
-@pytest.mark.parametrize('prompt_len', [W - 5, W, W + 7])
+@pytest.mark.parametrize('prompt_len', [W - 5, W - 1, W, W + 1, W + 7])
 def test_cached_decoding_equals_full_forward(regime, prompt_len):
     m = make_model(regime, attn_impl='naive').eval()
     idx = torch.randint(0, 97, (2, 50), generator=torch.Generator().manual_seed(prompt_len))
@@ -287,6 +287,35 @@ def test_cached_decoding_equals_full_forward(regime, prompt_len):
         torch.testing.assert_close(cached_logits(m, idx, prompt_len, cache), ref, rtol=1e-5, atol=1e-5)
         cache.reset()  # a reset cache serves a new sequence as if new
         torch.testing.assert_close(cached_logits(m, idx, prompt_len, cache), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('regime', list(REGIMES))
+def test_a_layer_that_raises_leaves_no_half_updated_cache(regime, monkeypatch):
+    m = make_model(regime, attn_impl='naive').eval()
+    idx = torch.randint(0, 97, (2, 40), generator=torch.Generator().manual_seed(8))
+    ref = m(idx)[0]
+    cache = m.new_cache(2, 40)
+    p = W + 5
+    m(idx[:, :p], cache=cache)
+
+    def fail_in_layer_1(chunk):  # layer 0 has written its keys, layer 1 raises
+        with monkeypatch.context() as patch:
+            patch.setattr(m.transformer.h[1].attn, 'forward', lambda *a, **k: 1 / 0)
+            with pytest.raises(ZeroDivisionError):
+                m(chunk, cache=cache)
+
+    with torch.no_grad():
+        fail_in_layer_1(idx[:, p:p + 1])
+        assert cache.length == p
+        # A decode step writes only what no later read needs in full dims: run it again.
+        torch.testing.assert_close(m(idx[:, p:p + 1], cache=cache)[0], ref[:, p:p + 1], rtol=1e-5, atol=1e-5)
+        fail_in_layer_1(idx[:, p + 1:p + 4])
+        if cache.ring_size and cache.ring_size < cache.max_seq_len:  # the chunk overwrote ring slots it reads
+            with pytest.raises(ValueError, match='reset'):
+                m(idx[:, p + 1:p + 4], cache=cache)
+            cache.reset()
+            m(idx[:, :p + 1], cache=cache)
+        torch.testing.assert_close(m(idx[:, p + 1:p + 4], cache=cache)[0], ref[:, p + 1:p + 4], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize('regime', list(REGIMES))
