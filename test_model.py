@@ -449,13 +449,17 @@ def test_bench_runs_and_writes_results(tmp_path):
     import json
     run_script('bench.py', '--preset=tiny', '--dar_window=16', '--dar_rank=8', '--train_seq_lens=[40]',
                '--train_repeats=1', '--decode_contexts=[24,48]', '--decode_steps=2', '--decode_repeats=1',
-               '--prefill_repeats=1', f'--out_dir={tmp_path}')
+               '--prefill_repeats=1', '--decode_batches=[1,2]', '--kv_budget_gib=0.001', '--budget_context=48',
+               f'--out_dir={tmp_path}')
     train = json.loads((tmp_path / 'train_cpu.json').read_text())
     assert {r['case'] for r in train['rows']} == {'full (sdpa)', 'DAR (sdpa)', 'DAR (fused)', 'uniform (auto)'}
     assert all(r['seconds'] > 0 and r['peak_bytes'] > 0 for r in train['rows'])
     decode = json.loads((tmp_path / 'decode_cpu.json').read_text())
-    dar = next(r for r in decode['rows'] if r['case'] == 'DAR' and r['context'] == 48)
-    assert dar['kv_vs_full'] < 1 and dar['decode_tok_s'] > 0
+    assert {(r['batch'], r['context']) for r in decode['rows']} == {(1, 24), (1, 48), (2, 24), (2, 48)}
+    dar = next(r for r in decode['rows'] if r['case'] == 'DAR' and r['context'] == 48 and r['batch'] == 2)
+    assert dar['kv_vs_full'] < 1 and dar['decode_tok_s'] > 0 and dar['bytes_ceiling'] > 1
+    full, dar = decode['budget_rows']
+    assert full['kv_bytes'] <= 2**30 * 0.001 and dar['batch'] > full['batch'] >= 1
     assert (tmp_path / 'decode_cpu.png').stat().st_size > 0
 
 
