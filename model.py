@@ -210,15 +210,17 @@ def _blocked(n_q, n_k, offset, lo, hi, device):
     return (dist < lo) | (dist >= hi) if hi is not None else dist < lo
 
 
+# What a query block reads: the band, keys [ls, le) in full dims; the latents of positions
+# [0, de), all but the edge [lm, de) seen by every query of the block; the masks of the band and
+# the edge, None where nothing is blocked.
+BlockKeys = namedtuple('BlockKeys', 'ls le de lm band_blocked edge_blocked')
+
+
 def _block_keys(s, e, q_start, n_before, window, device):
-    """What the block [s, e) of the new tokens reads, and which pairs are blocked. New token t
-    sits at position q_start + t; the keys in full dims are the n_before tokens before it and
-    the new ones (key index j is position q_start - n_before + j). Returns
-      ls, le: the band, keys [ls, le), read in full dims;
-      de: the latents, positions [0, de); all queries of the block see [0, lm), so only the
-          edge [lm, de) needs a mask (as in flash attention, only diagonal tiles are masked);
-      and the blocked masks of the band and the latent edge, None where nothing is blocked
-      (always so for a single query)."""
+    """The BlockKeys of the block [s, e) of the new tokens. New token t sits at position
+    q_start + t; the keys in full dims are the n_before tokens before the new ones and the new
+    ones (key index j is position q_start - n_before + j). Only the edge of the latents needs a
+    mask, as in flash attention only diagonal tiles do; a single query needs none."""
     n, qs = e - s, s + n_before  # qs: key index of the block's first query
     ls = 0 if window is None else max(0, qs - window + 1)
     de = 0 if window is None else max(0, q_start + e - window)
@@ -228,7 +230,7 @@ def _block_keys(s, e, q_start, n_before, window, device):
         band_blocked = _blocked(n, e + n_before - ls, qs - ls, 0, window, device)
         if de > lm:
             edge_blocked = _blocked(n, de - lm, q_start + s - lm, window, None, device)
-    return ls, e + n_before, de, lm, band_blocked, edge_blocked
+    return BlockKeys(ls, e + n_before, de, lm, band_blocked, edge_blocked)
 
 
 def dar_forward(q, k, v, a, b, up_k, up_v, window, block, q_start=0):
