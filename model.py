@@ -344,21 +344,18 @@ class FusedDARAttention(torch.autograd.Function):
 
 def decode_attention(q, view, up_k, up_v):
     """One new token per sequence, q (B, H, 1, d), against a CacheView that already holds it:
-    every key in view.k is in its window, every latent distant. The scores of both sets go into
-    one buffer and one softmax, so each score is read and written in a single kernel."""
-    B, H, _, d = q.shape
-    n_near, n_far = view.k.shape[-2], 0 if view.a is None else view.a.shape[-2]
-    q = q.float() * (1.0 / math.sqrt(d))
-    scores = torch.empty(B, H, 1, n_near + n_far, device=q.device, dtype=torch.float32)
-    if n_near:
-        torch.matmul(q, view.k.float().transpose(-2, -1), out=scores[..., :n_near])
-    if n_far:
-        torch.matmul(q @ up_k.float().transpose(-2, -1), view.a.float().transpose(-2, -1), out=scores[..., n_near:])
-    p = torch.softmax(scores, -1)
-    out = 0
-    if n_near:
-        out = p[..., :n_near].to(view.v.dtype) @ view.v
-    if n_far:
+    every key in view.k is in its window, every latent distant. One softmax over the scores of
+    both sets, each score computed in float32."""
+    q = q.float() * (1.0 / math.sqrt(q.shape[-1]))
+    scores = [q @ view.k.float().transpose(-2, -1)]
+    if view.a is not None:
+        scores.append((q @ up_k.float().transpose(-2, -1)) @ view.a.float().transpose(-2, -1))
+    # One buffer, one softmax kernel: row by row, each row's passes stay in the CPU cache.
+    p = torch.cat(scores, -1) if len(scores) > 1 else scores[0]
+    torch.softmax(p, -1, out=p)
+    n_near = view.k.shape[-2]
+    out = p[..., :n_near].to(view.v.dtype) @ view.v
+    if view.a is not None:
         out = out + (p[..., n_near:].to(view.b.dtype) @ view.b) @ up_v
     return out.to(view.k.dtype)
 
@@ -675,9 +672,10 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None):
 # of the ring; old_slots (a tensor, or None) are the ring slots of the older tokens a chunk reads
 # in full dims, in position order; n_far: latents read, positions [0, n_far).
 CacheStep = namedtuple('CacheStep', 'start n writes old_slots n_far')
-# What one layer attends over in a step: keys and values in full dims (k, v), every one of them
-# inside the window of the step's last token, and the latents (a, b) of positions [0, n_far)
-# (None without latents). For a chunk, k and v end with the chunk itself, in position order.
+# What one layer attends over in a step: keys and values in full dims (k, v) and the latents
+# (a, b) of positions [0, n_far) (None without latents). For a decode step every key in k is in
+# the new token's window, in any order; for a chunk, k and v are in position order and end with
+# the chunk itself, and the attention masks by distance.
 CacheView = namedtuple('CacheView', 'k v a b')
 
 
@@ -687,11 +685,11 @@ class KVCache:
     attends.
 
     Per layer: a ring of the last W keys/values in full dims (B, H, W, d), and latents (a, b)
-    (B, H, max_seq_len - W, r) of the tokens that will leave the window. A token's latent is
-    computed once, when it is written: so a ring slot can be overwritten at any time, and writing
-    the same step again (after a layer raised) writes the same values. Full attention is the ring
-    with W = max_seq_len (an ordinary static cache); local-only keeps only the ring; uniform only
-    latents.
+    (B, H, max_seq_len - W, r), stored transposed, of the tokens that will leave the window. A
+    token's latent is computed once, when it is written: so a ring slot can be overwritten at any
+    time, and writing the same step again (after a layer raised) writes the same values. Full
+    attention is the ring with W = max_seq_len (an ordinary static cache); local-only keeps only
+    the ring; uniform only latents.
 
     A step is begin() (checks the input, plans the step), update() per layer, commit() (advances
     length). A decode step that raised partway can simply be run again; a chunk that raised may
@@ -714,8 +712,11 @@ class KVCache:
         self.v = torch.zeros_like(self.k)
         self.a = self.b = None
         if config.has_latents and max_seq_len > self.window:
-            self.a = torch.zeros(L, B, H, max_seq_len - self.window, r, device=device, dtype=dtype)
-            self.b = torch.zeros_like(self.a)
+            # Stored (r, positions) and viewed as (positions, r): a decode step's score and value
+            # products are then r long contiguous reads per head (rows of r = 16 floats are
+            # short reads that matrix-vector kernels handle worse).
+            shape = (L, B, H, r, max_seq_len - self.window)
+            self.a, self.b = (torch.zeros(shape, device=device, dtype=dtype).transpose(-2, -1) for _ in 'ab')
 
     def nbytes(self):
         return sum(t.numel() * t.element_size() for t in (self.k, self.v, self.a, self.b) if t is not None)
@@ -779,8 +780,10 @@ class KVCache:
         for lo, hi, src in st.writes:
             ring_k[:, :, lo:hi] = k[:, :, src:src + hi - lo]
             ring_v[:, :, lo:hi] = v[:, :, src:src + hi - lo]
-        if st.old_slots is not None:
-            return CacheView(torch.cat([old_k, k], 2), torch.cat([old_v, v], 2), a, b)
+        if st.old_slots is not None:  # the ring wrapped during the chunk: its keys, after the older ones
+            if len(st.old_slots):
+                k, v = torch.cat([old_k, k], 2), torch.cat([old_v, v], 2)
+            return CacheView(k, v, a, b)
         # Before the ring first wraps, slot = position: the prefix [0, L + n) in order. A decode
         # step after it reads the whole ring: the W tokens in it are exactly its window.
         held = min(L + n, S)
