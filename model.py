@@ -346,17 +346,21 @@ def decode_attention(q, view, up_k, up_v):
     """One new token per sequence, q (B, H, 1, d), against a CacheView that already holds it:
     every key in view.k is in its window, every latent distant. One softmax over the scores of
     both sets, each score computed in float32."""
-    q = q.float() * (1.0 / math.sqrt(q.shape[-1]))
-    scores = [q @ view.k.float().transpose(-2, -1)]
-    if view.a is not None:
-        scores.append((q @ up_k.float().transpose(-2, -1)) @ view.a.float().transpose(-2, -1))
-    # One buffer, one softmax kernel: row by row, each row's passes stay in the CPU cache.
-    p = torch.cat(scores, -1) if len(scores) > 1 else scores[0]
-    torch.softmax(p, -1, out=p)
-    n_near = view.k.shape[-2]
-    out = p[..., :n_near].to(view.v.dtype) @ view.v
-    if view.a is not None:
-        out = out + (p[..., n_near:].to(view.b.dtype) @ view.b) @ up_v
+    B, H, _, d = q.shape
+    n_near, n_far = view.k.shape[-2], 0 if view.a is None else view.a.shape[-2]
+    # The cache's float32 scratch, viewed contiguous at this step's lengths: fresh buffers this
+    # size would be page-faulted in again on every step, and a matmul into a strided slice of
+    # one buffer takes a slow copying path.
+    far, scores = (buf[:B * H * n].view(B, H, 1, n) for buf, n in zip(view.scratch, (n_far, n_near + n_far)))
+    q = q.float() * (1.0 / math.sqrt(d))
+    near = q @ view.k.float().transpose(-2, -1)
+    if n_far:
+        torch.matmul(q @ up_k.float().transpose(-2, -1), view.a.float().transpose(-2, -1), out=far)
+    torch.cat([near, far], -1, out=scores)
+    torch.softmax(scores, -1, out=scores)  # one kernel, row by row: each row's passes stay in cache
+    out = scores[..., :n_near].to(view.v.dtype) @ view.v
+    if n_far:
+        out = out + (scores[..., n_near:].to(view.b.dtype) @ view.b) @ up_v
     return out.to(view.k.dtype)
 
 
@@ -676,7 +680,8 @@ CacheStep = namedtuple('CacheStep', 'start n writes old_slots n_far')
 # (a, b) of positions [0, n_far) (None without latents). For a decode step every key in k is in
 # the new token's window, in any order; for a chunk, k and v are in position order and end with
 # the chunk itself, and the attention masks by distance.
-CacheView = namedtuple('CacheView', 'k v a b')
+# scratch: two flat float32 buffers for a decode step's scores.
+CacheView = namedtuple('CacheView', 'k v a b scratch')
 
 
 class KVCache:
@@ -717,6 +722,9 @@ class KVCache:
             # short reads that matrix-vector kernels handle worse).
             shape = (L, B, H, r, max_seq_len - self.window)
             self.a, self.b = (torch.zeros(shape, device=device, dtype=dtype).transpose(-2, -1) for _ in 'ab')
+        # Decode-step scores, allocated once (B*H floats per cached token; not counted in nbytes).
+        n_keys = self.ring_size + (0 if self.a is None else self.a.shape[-2])
+        self.scratch = torch.empty(2, B * H * n_keys, device=device, dtype=torch.float32)
 
     def nbytes(self):
         return sum(t.numel() * t.element_size() for t in (self.k, self.v, self.a, self.b) if t is not None)
@@ -783,11 +791,11 @@ class KVCache:
         if st.old_slots is not None:  # the ring wrapped during the chunk: its keys, after the older ones
             if len(st.old_slots):
                 k, v = torch.cat([old_k, k], 2), torch.cat([old_v, v], 2)
-            return CacheView(k, v, a, b)
+            return CacheView(k, v, a, b, self.scratch)
         # Before the ring first wraps, slot = position: the prefix [0, L + n) in order. A decode
         # step after it reads the whole ring: the W tokens in it are exactly its window.
         held = min(L + n, S)
-        return CacheView(ring_k[:, :, :held], ring_v[:, :, :held], a, b)
+        return CacheView(ring_k[:, :, :held], ring_v[:, :, :held], a, b, self.scratch)
 
     def commit(self):
         self.length += self.step.n
