@@ -36,6 +36,7 @@ decode_contexts = [1024, 4096, 16384, 32768]
 decode_batches = [1, 8]  # one decode table per batch size
 decode_steps = 32  # tokens per timed decode run
 decode_repeats = 5
+decode_compile = False  # torch.compile the decode step's attention (dynamic shapes); off: it did not pay on CPU
 kv_budget_gib = 4.0  # the budget rows: the largest batch whose KV cache fits in this many GiB...
 budget_context = 32768  # ... at this context, full vs DAR
 prefill_repeats = 3
@@ -232,6 +233,9 @@ def decode_case(model, batch, ctx, warm_prefill):
 
 @torch.no_grad()
 def bench_decode():
+    if decode_compile:
+        import model as model_module
+        model_module.decode_attention = torch.compile(model_module.decode_attention, dynamic=True)
     bandwidth = read_bandwidth()
     models = {name: build(w, r).eval() for name, (w, r) in DECODE_CASES.items()}
     kv_bytes = lambda model, batch, ctx: model.new_cache(batch, ctx, device='meta').nbytes()  # read per step
@@ -272,7 +276,8 @@ def bench_decode():
     for r in budget_rows:
         r['decode_vs_full'] = r['decode_tok_s'] / budget_rows[0]['decode_tok_s']
 
-    print(f"\nDecode, {preset} (random weights), W={dar_window}, r={dar_rank}, {dtype}, {machine()};"
+    print(f"\nDecode, {preset} (random weights), W={dar_window}, r={dar_rank}, {dtype}, {machine()}"
+          f"{', decode attention compiled' if decode_compile else ''};"
           f" read bandwidth {bandwidth / 1e9:.1f} GB/s; median of {decode_repeats} x {decode_steps} steps,"
           f" prefill (batch 1) median of {prefill_repeats}, up to {prefill_max_context} tokens")
     for batch in decode_batches:
@@ -293,7 +298,8 @@ def bench_decode():
               f"{r['decode_vs_full']:.2f} | {r['bw_fraction']:.0%} |")
     print('wrote', save('decode', dict(machine=machine(), preset=preset, dtype=dtype, dar_window=dar_window,
                                        dar_rank=dar_rank, read_bandwidth=bandwidth, decode_steps=decode_steps,
-                                       decode_repeats=decode_repeats, kv_budget_gib=kv_budget_gib,
+                                       decode_repeats=decode_repeats, decode_compile=decode_compile,
+                                       kv_budget_gib=kv_budget_gib,
                                        budget_context=budget_context, rows=rows, budget_rows=budget_rows)))
     plot_decode([r for r in rows if r['batch'] == decode_batches[0]], decode_batches[0])
 
