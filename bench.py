@@ -281,7 +281,7 @@ def bench_decode():
           f" read bandwidth {bandwidth / 1e9:.1f} GB/s; median of {decode_repeats} x {decode_steps} steps,"
           f" prefill (batch 1) median of {prefill_repeats}, up to {prefill_max_context} tokens")
     for batch in decode_batches:
-        print(f"\nBatch {batch} (tok/s: tokens of all {batch} sequences)\n"
+        print(f"\nBatch {batch} (decode tok/s counts the tokens of every sequence)\n"
               "| context | case | prefill tok/s | decode tok/s | x full | bytes ceiling | of ceiling | KV MiB | x full "
               "| bandwidth |\n|---|---|---|---|---|---|---|---|---|---|")
         for r in rows:
