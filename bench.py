@@ -33,8 +33,12 @@ dar_rank = 16  # d / 4 at head dim 64
 train_seq_lens = [1024, 4096, 8192]
 train_repeats = 5
 decode_contexts = [1024, 4096, 16384, 32768]
+decode_batches = [1, 8]  # one decode table per batch size
 decode_steps = 32  # tokens per timed decode run
 decode_repeats = 5
+decode_compile = False  # torch.compile the decode step's attention (dynamic shapes); off: it did not pay on CPU
+kv_budget_gib = 4.0  # the budget rows: the largest batch whose KV cache fits in this many GiB...
+budget_context = 32768  # ... at this context, full vs DAR
 prefill_repeats = 3
 prefill_max_context = 4096 if device == 'cpu' else 32768  # prefill is quadratic: minutes a run past this on CPU
 out_dir = 'results'
@@ -196,63 +200,111 @@ def read_bandwidth():
     return x.numel() * x.element_size() / median
 
 
+def weight_bytes(model):
+    """Bytes a decode step reads from the weights: all but the token embedding (one row a step)."""
+    wte = model.transformer.wte.weight
+    return sum(p.numel() * p.element_size() for p in model.parameters()) - wte.numel() * wte.element_size()
+
+
+def decode_case(model, batch, ctx, warm_prefill):
+    """Prefill tok/s (batch 1 up to prefill_max_context, else None) and decode steps/s of model at
+    context ctx."""
+    cache = model.new_cache(batch, ctx + decode_steps + 1)
+    prompt = torch.randint(0, model.config.vocab_size, (batch, ctx), device=device)
+
+    def prefill():
+        cache.reset()
+        model.hidden_states(prompt, cache)
+
+    prefill_tok_s = None
+    if batch == 1 and ctx <= prefill_max_context:
+        prefill_s, _ = timed(prefill, prefill_repeats, warmup=1 if warm_prefill else 0)
+        prefill_tok_s = ctx / prefill_s
+    token = prompt[:, -1:]
+
+    def decode():
+        cache.length = ctx  # decode time does not depend on what the cache holds
+        for _ in range(decode_steps):
+            model(token, cache=cache)
+
+    decode_s, _ = timed(decode, decode_repeats)
+    return prefill_tok_s, decode_steps / decode_s
+
+
 @torch.no_grad()
 def bench_decode():
+    if decode_compile:
+        import model as model_module
+        model_module.decode_attention = torch.compile(model_module.decode_attention, dynamic=True)
     bandwidth = read_bandwidth()
     models = {name: build(w, r).eval() for name, (w, r) in DECODE_CASES.items()}
+    kv_bytes = lambda model, batch, ctx: model.new_cache(batch, ctx, device='meta').nbytes()  # read per step
     rows = []
-    for ctx in decode_contexts:
-        for name, model in models.items():
-            cache = model.new_cache(1, ctx + decode_steps + 1)
-            prompt = torch.randint(0, model.config.vocab_size, (1, ctx), device=device)
-
-            def prefill():
-                cache.reset()
-                model.hidden_states(prompt, cache)
-
-            prefill_tok_s = None
-            if ctx <= prefill_max_context:
-                prefill_s, _ = timed(prefill, prefill_repeats, warmup=1 if ctx == decode_contexts[0] else 0)
-                prefill_tok_s = ctx / prefill_s
-            token = prompt[:, -1:]
-
-            def decode():
-                cache.length = ctx  # decode time does not depend on what the cache holds
-                for _ in range(decode_steps):
-                    model(token, cache=cache)
-
-            decode_s, _ = timed(decode, decode_repeats)
-            weights = sum(p.numel() * p.element_size() for p in model.parameters()) \
-                - model.transformer.wte.weight.numel() * model.transformer.wte.weight.element_size()
-            kv_read = model.new_cache(1, ctx, device='meta').nbytes()  # what one step reads at ctx
-            steps_per_s = decode_steps / decode_s
-            rows.append(dict(context=ctx, case=name, prefill_tok_s=prefill_tok_s, decode_tok_s=steps_per_s,
-                             kv_bytes=kv_read, weight_bytes=weights,
-                             achieved_bw=(weights + kv_read) * steps_per_s, bw_fraction=(weights + kv_read) * steps_per_s / bandwidth))
-            r = rows[-1]
-            print(f"  ctx={ctx:6d} {name:10s} prefill {r['prefill_tok_s'] or 0:9.0f} tok/s  decode {r['decode_tok_s']:7.1f} tok/s"
-                  f"  KV {kv_read / 2**20:7.1f} MiB  bw {r['bw_fraction']:.0%}", flush=True)
-            del cache
+    for batch in decode_batches:
+        for ctx in decode_contexts:
+            for name, model in models.items():
+                prefill_tok_s, steps_per_s = decode_case(model, batch, ctx, warm_prefill=ctx == decode_contexts[0])
+                kv, weights = kv_bytes(model, batch, ctx), weight_bytes(model)
+                full_kv = kv_bytes(models['full'], batch, ctx)
+                rows.append(dict(batch=batch, context=ctx, case=name, prefill_tok_s=prefill_tok_s,
+                                 decode_tok_s=batch * steps_per_s, kv_bytes=kv, weight_bytes=weights,
+                                 # the best speedup over full attention at equal read bandwidth
+                                 bytes_ceiling=(weights + full_kv) / (weights + kv),
+                                 achieved_bw=(weights + kv) * steps_per_s,
+                                 bw_fraction=(weights + kv) * steps_per_s / bandwidth))
+                r = rows[-1]
+                print(f"  batch={batch} ctx={ctx:6d} {name:10s} prefill {r['prefill_tok_s'] or 0:7.0f} tok/s  "
+                      f"decode {r['decode_tok_s']:7.1f} tok/s  KV {kv / 2**20:7.1f} MiB  bw {r['bw_fraction']:.0%}",
+                      flush=True)
     for r in rows:
-        full = next(f for f in rows if f['context'] == r['context'] and f['case'] == 'full')
+        full = next(f for f in rows if (f['batch'], f['context'], f['case']) == (r['batch'], r['context'], 'full'))
         r['decode_vs_full'] = r['decode_tok_s'] / full['decode_tok_s']
         r['kv_vs_full'] = r['kv_bytes'] / full['kv_bytes']
-    print(f"\nDecode, {preset} (random weights), batch 1, W={dar_window}, r={dar_rank}, {dtype}, {machine()};"
+        r['of_ceiling'] = r['decode_vs_full'] / r['bytes_ceiling']
+    budget_rows = []
+    for name in ('full', 'DAR'):
+        model = models[name]
+        batch = int(kv_budget_gib * 2**30 // kv_bytes(model, 1, budget_context + decode_steps + 1))
+        if batch < 1:
+            raise SystemExit(f"--kv_budget_gib={kv_budget_gib} holds no {name} sequence of {budget_context} tokens")
+        _, steps_per_s = decode_case(model, batch, budget_context, warm_prefill=False)
+        kv = kv_bytes(model, batch, budget_context)
+        budget_rows.append(dict(case=name, batch=batch, decode_tok_s=batch * steps_per_s, kv_bytes=kv,
+                                bw_fraction=(weight_bytes(model) + kv) * steps_per_s / bandwidth))
+        print(f"  budget {kv_budget_gib} GiB at ctx={budget_context}: {name} batch {batch} "
+              f"{budget_rows[-1]['decode_tok_s']:.1f} tok/s", flush=True)
+    for r in budget_rows:
+        r['decode_vs_full'] = r['decode_tok_s'] / budget_rows[0]['decode_tok_s']
+
+    print(f"\nDecode, {preset} (random weights), W={dar_window}, r={dar_rank}, {dtype}, {machine()}"
+          f"{', decode attention compiled' if decode_compile else ''};"
           f" read bandwidth {bandwidth / 1e9:.1f} GB/s; median of {decode_repeats} x {decode_steps} steps,"
-          f" prefill median of {prefill_repeats}, up to {prefill_max_context} tokens")
-    print("| context | case | prefill tok/s | decode tok/s | x full | KV MiB | x full | bandwidth |\n"
-          "|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        prefill = '-' if r['prefill_tok_s'] is None else f"{r['prefill_tok_s']:.0f}"
-        print(f"| {r['context']} | {r['case']} | {prefill} | {r['decode_tok_s']:.1f} | "
-              f"{r['decode_vs_full']:.2f} | {r['kv_bytes'] / 2**20:.1f} | {r['kv_vs_full']:.3f} | "
-              f"{r['achieved_bw'] / 1e9:.1f} GB/s ({r['bw_fraction']:.0%}) |")
+          f" prefill (batch 1) median of {prefill_repeats}, up to {prefill_max_context} tokens")
+    for batch in decode_batches:
+        print(f"\nBatch {batch} (decode tok/s counts the tokens of every sequence)\n"
+              "| context | case | prefill tok/s | decode tok/s | x full | bytes ceiling | of ceiling | KV MiB | x full "
+              "| bandwidth |\n|---|---|---|---|---|---|---|---|---|---|")
+        for r in rows:
+            if r['batch'] != batch:
+                continue
+            prefill = '-' if r['prefill_tok_s'] is None else f"{r['prefill_tok_s']:.0f}"
+            print(f"| {r['context']} | {r['case']} | {prefill} | {r['decode_tok_s']:.1f} | {r['decode_vs_full']:.2f} | "
+                  f"{r['bytes_ceiling']:.2f} | {r['of_ceiling']:.0%} | {r['kv_bytes'] / 2**20:.1f} | "
+                  f"{r['kv_vs_full']:.3f} | {r['achieved_bw'] / 1e9:.1f} GB/s ({r['bw_fraction']:.0%}) |")
+    print(f"\nThe largest batch whose KV cache fits in {kv_budget_gib} GiB, context {budget_context}\n"
+          "| case | batch | KV MiB | decode tok/s | x full | bandwidth |\n|---|---|---|---|---|---|")
+    for r in budget_rows:
+        print(f"| {r['case']} | {r['batch']} | {r['kv_bytes'] / 2**20:.0f} | {r['decode_tok_s']:.1f} | "
+              f"{r['decode_vs_full']:.2f} | {r['bw_fraction']:.0%} |")
     print('wrote', save('decode', dict(machine=machine(), preset=preset, dtype=dtype, dar_window=dar_window,
-                                       dar_rank=dar_rank, read_bandwidth=bandwidth, rows=rows)))
-    plot_decode(rows)
+                                       dar_rank=dar_rank, read_bandwidth=bandwidth, decode_steps=decode_steps,
+                                       decode_repeats=decode_repeats, decode_compile=decode_compile,
+                                       kv_budget_gib=kv_budget_gib,
+                                       budget_context=budget_context, rows=rows, budget_rows=budget_rows)))
+    plot_decode([r for r in rows if r['batch'] == decode_batches[0]], decode_batches[0])
 
 
-def plot_decode(rows):
+def plot_decode(rows, batch):
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
@@ -269,7 +321,7 @@ def plot_decode(rows):
         ax.grid(alpha=0.3)
     ax1.set_yscale('log')
     ax2.legend()
-    fig.suptitle(f"{preset}, batch 1, W={dar_window}, r={dar_rank}, {dtype}, {machine()}", fontsize=9)
+    fig.suptitle(f"{preset}, batch {batch}, W={dar_window}, r={dar_rank}, {dtype}, {machine()}", fontsize=9)
     fig.tight_layout()
     path = os.path.join(out_dir, f"decode_{device}.png")
     fig.savefig(path, dpi=120)

@@ -163,14 +163,14 @@ def naive_attention(q, k, v, window, maps):
     T, d = q.shape[-2:]
     dist = _distance(T, T, 0, q.device)
     local = dist >= 0 if window is None else (dist >= 0) & (dist < window)
-    scores = (q @ k.transpose(-2, -1)) / math.sqrt(d)
+    scores = (q.float() @ k.float().transpose(-2, -1)) / math.sqrt(d)
     if maps is None or window is None:
-        return torch.softmax(scores.float().masked_fill(~local, float('-inf')), -1).to(q.dtype) @ v
+        return torch.softmax(scores.masked_fill(~local, float('-inf')), -1).to(q.dtype) @ v
     down_k, up_k, down_v, up_v = maps
     far = dist >= window
     k_far, v_far = k @ down_k @ up_k, v @ down_v @ up_v  # distant keys/values rebuilt in d dims
-    scores = torch.where(far, (q @ k_far.transpose(-2, -1)) / math.sqrt(d), scores)
-    p = torch.softmax(scores.float().masked_fill(~(local | far), float('-inf')), -1).to(q.dtype)
+    scores = torch.where(far, (q.float() @ k_far.float().transpose(-2, -1)) / math.sqrt(d), scores)
+    p = torch.softmax(scores.masked_fill(~(local | far), float('-inf')), -1).to(q.dtype)
     return (p * local) @ v + (p * far) @ v_far
 
 
@@ -195,8 +195,9 @@ def sdpa_attention(q, k, v, window, maps):
 
 def _masked_scores(q, keys, blocked, blocked_from=0):
     """Float scores q . keys, -inf where blocked (a mask of the key columns blocked_from
-    onwards; the columns before it are all allowed)."""
-    s = (q @ keys.transpose(-2, -1)).float()
+    onwards; the columns before it are all allowed). The product itself runs in float32: a
+    bf16 matmul would round every score to bf16 before the softmax sees it."""
+    s = q.float() @ keys.float().transpose(-2, -1)
     if blocked is not None:
         s[..., blocked_from:].masked_fill_(blocked, float('-inf'))
     return s
@@ -210,64 +211,63 @@ def _blocked(n_q, n_k, offset, lo, hi, device):
     return (dist < lo) | (dist >= hi) if hi is not None else dist < lo
 
 
-def _block_keys(s, e, q_start, window, device, ring_pos=None):
-    """What the block [s, e) of the new tokens reads, and which pairs are blocked.
-    Positions are absolute (new token t sits at q_start + t). Returns
-      ls: the band, new tokens [ls, e), read in full dims;
-      de: the latents, positions [0, de); all queries of the block see [0, lm), so only the
-          edge [lm, de) needs a mask (as in flash attention, only diagonal tiles are masked);
-      and the blocked masks of the ring, the band and the latent edge, None where nothing is
-      blocked (always so for a single query: the decode step)."""
-    n = e - s
-    ls = 0 if window is None else max(0, s - window + 1)
+# What a query block reads: the band, keys [ls, le) in full dims; the latents of positions
+# [0, de), all but the edge [lm, de) seen by every query of the block; the masks of the band and
+# the edge, None where nothing is blocked.
+BlockKeys = namedtuple('BlockKeys', 'ls le de lm band_blocked edge_blocked')
+
+
+def _block_keys(s, e, q_start, n_before, window, device):
+    """The BlockKeys of the block [s, e) of the new tokens. New token t sits at position
+    q_start + t; the keys in full dims are the n_before tokens before the new ones and the new
+    ones (key index j is position q_start - n_before + j). Only the edge of the latents needs a
+    mask, as in flash attention only diagonal tiles do; a single query needs none."""
+    n, qs = e - s, s + n_before  # qs: key index of the block's first query
+    ls = 0 if window is None else max(0, qs - window + 1)
     de = 0 if window is None else max(0, q_start + e - window)
     lm = 0 if window is None else min(de, max(0, q_start + s + 1 - window))
-    ring_blocked = band_blocked = edge_blocked = None
+    band_blocked = edge_blocked = None
     if n > 1:
-        band_blocked = _blocked(n, e - ls, s - ls, 0, window, device)
+        band_blocked = _blocked(n, e + n_before - ls, qs - ls, 0, window, device)
         if de > lm:
             edge_blocked = _blocked(n, de - lm, q_start + s - lm, window, None, device)
-    if ring_pos is not None and window is not None:
-        qpos = torch.arange(q_start + s, q_start + e, device=device)
-        ring_blocked = (qpos[:, None] - ring_pos[None, :]) >= window
-    return ls, de, lm, ring_blocked, band_blocked, edge_blocked
+    return BlockKeys(ls, e + n_before, de, lm, band_blocked, edge_blocked)
 
 
-def dar_forward(q, k, v, a, b, up_k, up_v, window, block, q_start=0, ring=None):
+def dar_forward(q, k, v, a, b, up_k, up_v, window, block, q_start=0):
     """Blockwise exact DAR attention with one online softmax; never builds a T x T matrix.
 
-    q, k, v: the new tokens (B, H, n, d) at positions q_start + arange(n).
+    q:       the new tokens (B, H, n, d) at positions q_start + arange(n).
+    k, v:    (B, H, n_before + n, d), in full dims: the new tokens and the n_before tokens before
+             them (in the KV cache, the window's older tokens; in training, none).
     a, b:    latents (B, H, >= de, r) of the positions [0, de) that are distant to some query,
              or None (no latents: full or local-only).
-    ring:    optional (k, v, pos) of older tokens still kept in full dims (the KV cache's ring).
     block:   queries per block; scores are (B, H, block, keys read) at a time.
     Returns (out, lse) with lse the log-sum-exp per query, in float32.
     """
     n, scale = q.shape[-2], 1.0 / math.sqrt(q.shape[-1])
+    n_before = k.shape[-2] - n
     q = q * scale
     out = torch.empty_like(q)
     lse = q.new_empty(q.shape[:-1], dtype=torch.float32)
     for s in range(0, n, block):
         e = min(s + block, n)
-        ls, de, lm, ring_blocked, band_blocked, edge_blocked = _block_keys(
-            s, e, q_start, window, q.device, ring[2] if ring is not None else None)
+        ls, le, de, lm, band_blocked, edge_blocked = _block_keys(s, e, q_start, n_before, window, q.device)
         qb = q[..., s:e, :]
-        local = []  # (scores, values) of keys read in full dims
-        if ring is not None:
-            local.append((_masked_scores(qb, ring[0], ring_blocked), ring[1]))
+        pieces = []  # (scores, values) of keys read in full dims, then of the latents
         if window != 0:
-            local.append((_masked_scores(qb, k[..., ls:e, :], band_blocked), v[..., ls:e, :]))
-        latent = None
-        if a is not None and de:
-            latent = (_masked_scores(qb @ up_k.transpose(-2, -1), a[..., :de, :], edge_blocked, lm),
-                      b[..., :de, :])
-        pieces = local + ([latent] if latent else [])
+            pieces.append((_masked_scores(qb, k[..., ls:le, :], band_blocked), v[..., ls:le, :]))
+        latent = a is not None and de > 0
+        if latent:
+            pieces.append((_masked_scores(qb @ up_k.transpose(-2, -1), a[..., :de, :], edge_blocked, lm),
+                           b[..., :de, :]))
         # The max over all pieces is finite: every query sees itself, in the band or as a latent.
         m = torch.stack([sc.amax(-1) for sc, _ in pieces]).amax(0)[..., None]
         total = sum(sc.sub_(m).exp_().sum(-1, keepdim=True) for sc, _ in pieces)  # scores -> p
-        acc = sum((p.to(val.dtype) @ val).float() for p, val in local)
+        acc = sum((p.to(val.dtype) @ val).float() for p, val in pieces[:len(pieces) - latent])
         if latent:
-            acc = acc + ((latent[0].to(b.dtype) @ latent[1]) @ up_v).float()
+            p, val = pieces[-1]
+            acc = acc + ((p.to(val.dtype) @ val) @ up_v).float()
         out[..., s:e, :] = (acc / total).to(q.dtype)
         lse[..., s:e] = (m + total.log()).squeeze(-1)
     return out, lse
@@ -306,7 +306,7 @@ class FusedDARAttention(torch.autograd.Function):
         delta = (dout.float() * out.float()).sum(-1, keepdim=True)  # rowsum(dO * O)
         for s in range(0, n, block):
             e = min(s + block, n)
-            ls, de, lm, _, band_blocked, edge_blocked = _block_keys(s, e, 0, window, q.device)
+            ls, _, de, lm, band_blocked, edge_blocked = _block_keys(s, e, 0, 0, window, q.device)
             qb, dob = qs[..., s:e, :], dout[..., s:e, :]
             lse_b, delta_b = lse[..., s:e, None], delta[..., s:e, :]
             dqb = 0  # gradient of the scaled query block
@@ -341,6 +341,28 @@ class FusedDARAttention(torch.autograd.Function):
         cast = lambda g, t: None if g is None else g.to(t.dtype)
         return (cast(dq, q), cast(dk, k), cast(dv, v), ddown_k, cast(dup_k, up_k), ddown_v, cast(dup_v, up_v),
                 None, None)
+
+
+def decode_attention(q, view, up_k, up_v):
+    """One new token per sequence, q (B, H, 1, d), against a CacheView that already holds it:
+    every key in view.k is in its window, every latent distant. One softmax over the scores of
+    both sets, each score computed in float32."""
+    B, H, _, d = q.shape
+    n_near, n_far = view.k.shape[-2], 0 if view.a is None else view.a.shape[-2]
+    # The cache's float32 scratch, viewed contiguous at this step's lengths: fresh buffers this
+    # size would be page-faulted in again on every step, and a matmul into a strided slice of
+    # one buffer takes a slow copying path.
+    far, scores = (buf[:B * H * n].view(B, H, 1, n) for buf, n in zip(view.scratch, (n_far, n_near + n_far)))
+    q = q.float() * (1.0 / math.sqrt(d))
+    near = q @ view.k.float().transpose(-2, -1)
+    if n_far:
+        torch.matmul(q @ up_k.float().transpose(-2, -1), view.a.float().transpose(-2, -1), out=far)
+    torch.cat([near, far], -1, out=scores)
+    torch.softmax(scores, -1, out=scores)  # one kernel, row by row: each row's passes stay in cache
+    out = scores[..., :n_near].to(view.v.dtype) @ view.v
+    if n_far:
+        out = out + (scores[..., n_near:].to(view.b.dtype) @ view.b) @ up_v
+    return out.to(view.k.dtype)
 
 
 # Query block of the fused path: scores are (B, H, 128, keys) at a time. One pythia-70m training
@@ -424,11 +446,24 @@ class DARAttention(nn.Module):
     def forward(self, x, cos, sin, cache=None):
         B, T, C = x.shape
         q, k, v = self.qkv(x, cos, sin)
-        if cache is not None:
-            y = cache.attend(self.layer_idx, q, k, v, self.latent_maps())
-        else:
-            impl = resolve_attn_impl(self.config, T, x.device)
-            y = ATTENTION[impl](q, k, v, self.config.window, self.latent_maps())
+        maps = self.latent_maps()
+        if maps is not None:  # under autocast q, k, v are bf16 and the maps' parameters float32
+            maps = tuple(m.to(q.dtype) for m in maps)
+        # The attention runs outside autocast, in the dtype autocast chose for q, k, v: its float32
+        # scores then stay float32 (autocast would run a float32 matmul in bf16), and the fused
+        # backward, which autograd runs outside any autocast, sees the dtypes its forward saw.
+        with torch.autocast(x.device.type, enabled=False):
+            if cache is not None:
+                view = cache.update(self.layer_idx, k, v, maps)
+                up_k, up_v = (None, None) if maps is None else maps[1::2]
+                if T == 1:
+                    y = decode_attention(q, view, up_k, up_v)
+                else:
+                    y, _ = dar_forward(q, view.k, view.v, view.a, view.b, up_k, up_v, self.config.window,
+                                       cache.prefill_block, q_start=cache.step.start)
+            else:
+                impl = resolve_attn_impl(self.config, T, x.device)
+                y = ATTENTION[impl](q, k, v, self.config.window, maps)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
 
 
@@ -596,14 +631,19 @@ class GPT(nn.Module):
                 raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}; "
                                  "crop the input or use a KV cache (model.new_cache) for generation")
         else:
-            start = cache.check(idx, self.transformer.wte.weight.dtype)
+            start = cache.begin(idx, self.compute_dtype(idx.device))
         cos, sin = rotary_cos_sin(torch.arange(start, start + T, device=idx.device),
                                   self.rot_dim, self.config.rotary_base)
         x = self.transformer.drop(self.transformer.wte(idx))
-        for block in self.transformer.h:
-            x = block(x, cos, sin, cache)
+        try:
+            for block in self.transformer.h:
+                x = block(x, cos, sin, cache)
+        except BaseException:
+            if cache is not None:
+                cache.abort()
+            raise
         if cache is not None:
-            cache.length += T
+            cache.commit()
         return self.transformer.ln_f(x)
 
     def forward(self, idx, targets=None, cache=None):
@@ -648,11 +688,20 @@ class GPT(nn.Module):
     # ------------------------------------------------------------------------------------------
     # Inference
 
+    def compute_dtype(self, device):
+        """The dtype the attention computes in, and so the one the KV cache holds: autocast's
+        where autocast is on for device, else the weights'."""
+        device_type = torch.device(device).type
+        if device_type != 'meta' and torch.is_autocast_enabled(device_type):
+            return torch.get_autocast_dtype(device_type)
+        return self.transformer.wte.weight.dtype
+
     def new_cache(self, batch_size, max_seq_len, device=None, dtype=None):
-        p = next(self.parameters())
-        return KVCache(self.config, batch_size, max_seq_len,
-                       device=p.device if device is None else device,
-                       dtype=p.dtype if dtype is None else dtype)
+        """A KV cache for batch_size sequences of up to max_seq_len tokens, by default on the
+        model's device and in its compute dtype (so call it under the autocast you decode with)."""
+        device = self.transformer.wte.weight.device if device is None else device
+        return KVCache(self.config, batch_size, max_seq_len, device=device,
+                       dtype=self.compute_dtype(device) if dtype is None else dtype)
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_token=None):
@@ -763,13 +812,34 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None):
     return torch.multinomial(logits.softmax(-1), 1)[:, 0]
 
 
-class KVCache:
-    """Static DAR KV cache, preallocated and written by position.
+# One step of the KV cache, worked out once per step and shared by the layers: the new tokens
+# sit at positions [start, start + n); writes are (first slot, end slot, first new token) runs
+# of the ring; old_slots (a tensor, or None) are the ring slots of the older tokens a chunk reads
+# in full dims, in position order; n_far: latents read, positions [0, n_far).
+CacheStep = namedtuple('CacheStep', 'start n writes old_slots n_far')
+# What one layer attends over in a step: keys and values in full dims (k, v) and the latents
+# (a, b) of positions [0, n_far) (None without latents). For a decode step every key in k is in
+# the new token's window, in any order; for a chunk, k and v are in position order and end with
+# the chunk itself, and the attention masks by distance.
+# scratch: two flat float32 buffers for a decode step's scores.
+CacheView = namedtuple('CacheView', 'k v a b scratch')
 
-    Per layer: a ring of the last W keys/values in full dims (B, H, W, d), and latents (a, b) of
-    the older tokens (B, H, max_seq_len - W, r). A token's latent is computed once, when it
-    leaves the window. Full attention is the ring with W = max_seq_len (an ordinary static
-    cache); local-only keeps only the ring; uniform keeps only latents.
+
+class KVCache:
+    """Static DAR KV cache, preallocated and written by position. It only stores: `update` writes
+    a layer's new keys and values and hands back what that layer reads; the attention module
+    attends.
+
+    Per layer: a ring of the last W keys/values in full dims (B, H, W, d), and latents (a, b)
+    (B, H, max_seq_len - W, r), stored transposed, of the tokens that will leave the window. A
+    token's latent is computed once, when it is written: so a ring slot can be overwritten at any
+    time, and writing the same step again (after a layer raised) writes the same values. Full
+    attention is the ring with W = max_seq_len (an ordinary static cache); local-only keeps only
+    the ring; uniform only latents.
+
+    A step is begin() (checks the input, plans the step), update() per layer, commit() (advances
+    length). A decode step that raised partway can simply be run again; a chunk that raised may
+    have overwritten ring slots it still reads, so the cache then refuses input until reset().
     """
 
     # Prefill runs in query blocks of this size: scores are (B, H, block, context) at a time.
@@ -781,69 +851,99 @@ class KVCache:
         self.window = config.window
         self.batch_size, self.max_seq_len, self.length = batch_size, max_seq_len, 0
         self.device, self.dtype = torch.device(device), dtype
+        self.step, self.broken = None, False
         L, B, H, d, r = config.n_layer, batch_size, config.n_head, config.head_dim, config.dar_rank
         self.ring_size = max_seq_len if self.window is None else min(self.window, max_seq_len)
         self.k = torch.zeros(L, B, H, self.ring_size, d, device=device, dtype=dtype)
         self.v = torch.zeros_like(self.k)
         self.a = self.b = None
         if config.has_latents and max_seq_len > self.window:
-            self.a = torch.zeros(L, B, H, max_seq_len - self.window, r, device=device, dtype=dtype)
-            self.b = torch.zeros_like(self.a)
+            # Stored (r, positions) and viewed as (positions, r): a decode step's score and value
+            # products are then r long contiguous reads per head (rows of r = 16 floats are
+            # short reads that matrix-vector kernels handle worse).
+            shape = (L, B, H, r, max_seq_len - self.window)
+            self.a, self.b = (torch.zeros(shape, device=device, dtype=dtype).transpose(-2, -1) for _ in 'ab')
+        # Decode-step scores, allocated once (B*H floats per cached token; not counted in nbytes).
+        n_keys = self.ring_size + (0 if self.a is None else self.a.shape[-2])
+        self.scratch = torch.empty(2, B * H * n_keys, device=device, dtype=torch.float32)
 
     def nbytes(self):
         return sum(t.numel() * t.element_size() for t in (self.k, self.v, self.a, self.b) if t is not None)
 
     def reset(self):
-        self.length = 0  # stale entries are never read: every read is bounded by length
+        self.length, self.step, self.broken = 0, None, False  # stale entries are never read
 
-    def check(self, idx, dtype):
-        """Validates the next chunk idx (of activations in dtype) against the cache; returns its
-        start position."""
-        B, T = idx.shape
+    def begin(self, idx, dtype):
+        """Validates the next chunk idx (of activations in dtype) against the cache and plans its
+        step; returns its start position. Nothing is written before every check has passed."""
+        B, n = idx.shape
+        if self.broken:
+            raise ValueError("an earlier chunk raised partway through and left this cache partly written; "
+                             "call cache.reset() and prefill again")
         if dtype != self.dtype:
             raise ValueError(f"the model computes in {dtype} but the cache holds {self.dtype}; "
-                             "create it with model.new_cache(..., dtype=...)")
+                             "create it with model.new_cache(..., dtype=...) (under the same autocast)")
         if B != self.batch_size:
             raise ValueError(f"batch size {B} does not match the cache's {self.batch_size}; "
                              "create the cache with model.new_cache(batch_size=...)")
         if idx.device.type != self.device.type or (idx.device.index or 0) != (self.device.index or 0):
             raise ValueError(f"input is on {idx.device} but the cache is on {self.device}; "
                              "move one of them (model.new_cache(..., device=...))")
-        if self.length + T > self.max_seq_len:
-            raise ValueError(f"{self.length} cached + {T} new tokens exceed the cache's max_seq_len "
+        if self.length + n > self.max_seq_len:
+            raise ValueError(f"{self.length} cached + {n} new tokens exceed the cache's max_seq_len "
                              f"{self.max_seq_len}; create a larger cache or call cache.reset()")
-        return self.length
+        L, S, W = self.length, self.ring_size, self.window
+        m = min(n, S)  # only the last S new tokens stay in the ring
+        writes, p = [], L + n - m
+        while p < L + n:
+            run = min(L + n - p, S - p % S)
+            writes.append((p % S, p % S + run, p - L))
+            p += run
+        old_slots = None
+        if n > 1 and L + n > S:
+            # The ring wraps during this chunk: the older tokens its queries read in full dims
+            # (up to W - 1 before it) are gathered before their slots are overwritten.
+            n_old = max(0, min(L, W - 1))  # uniform (W = 0): none
+            old_slots = torch.arange(L - n_old, L, device=self.device) % max(S, 1)
+        n_far = 0 if self.a is None else min(self.a.shape[-2], max(0, L + n - W))
+        self.step = CacheStep(L, n, writes, old_slots, n_far)
+        return L
 
-    def attend(self, layer, q, k, v, maps):
-        """Attention of the new tokens (q, k, v at positions length + arange(n)) over everything
-        cached and themselves; then stores k, v. Distant tokens are read only as latents."""
-        L, n, W, S = self.length, q.shape[-2], self.window, self.ring_size
+    def update(self, layer, k, v, maps):
+        """Writes this step's keys and values (B, H, n, d) of one layer, and their latents through
+        the down maps; returns the layer's CacheView."""
+        st = self.step
+        L, n, S = st.start, st.n, self.ring_size
         ring_k, ring_v = self.k[layer], self.v[layer]
-        a = b = up_k = up_v = None
+        if st.old_slots is not None:
+            old_k, old_v = ring_k.index_select(2, st.old_slots), ring_v.index_select(2, st.old_slots)
+        a = b = None
         if self.a is not None:
-            down_k, up_k, down_v, up_v = maps
-            # Tokens that leave the window during this chunk: latents from the ring (older
-            # ones) or from the chunk itself, before the ring slots are overwritten.
-            lo, hi = max(0, L - W), max(0, L + n - W)
-            mid = min(hi, L)  # [lo, mid) are still in the ring, [mid, hi) are in this chunk
-            for down, store, held_kv, new_kv in ((down_k, self.a, ring_k, k), (down_v, self.b, ring_v, v)):
-                if mid > lo:
-                    slots = torch.arange(lo, mid, device=q.device) % S
-                    store[layer][:, :, lo:mid] = held_kv[:, :, slots] @ down
-                if hi > mid:
-                    store[layer][:, :, mid:hi] = new_kv[:, :, mid - L:hi - L] @ down
+            down_k, _, down_v, _ = maps
             a, b = self.a[layer], self.b[layer]
-        held = min(L, S)
-        ring = None
-        if held:
-            ring_pos = None  # full attention reads every cached token: no positions to check
-            if W is not None:
-                ring_pos = (L - 1) - ((L - 1 - torch.arange(held, device=q.device)) % S)
-            ring = (ring_k[:, :, :held], ring_v[:, :, :held], ring_pos)
-        out, _ = dar_forward(q, k, v, a, b, up_k, up_v, W, block=self.prefill_block, q_start=L, ring=ring)
-        if S:
-            m = min(n, S)
-            slots = torch.arange(L + n - m, L + n, device=q.device) % S
-            ring_k[:, :, slots] = k[:, :, n - m:]
-            ring_v[:, :, slots] = v[:, :, n - m:]
-        return out
+            hi = min(L + n, a.shape[-2])  # tokens past it never become distant
+            if hi > L:
+                a[:, :, L:hi] = k[:, :, :hi - L] @ down_k
+                b[:, :, L:hi] = v[:, :, :hi - L] @ down_v
+            a, b = a[:, :, :st.n_far], b[:, :, :st.n_far]
+        for lo, hi, src in st.writes:
+            ring_k[:, :, lo:hi] = k[:, :, src:src + hi - lo]
+            ring_v[:, :, lo:hi] = v[:, :, src:src + hi - lo]
+        if st.old_slots is not None:  # the ring wrapped during the chunk: its keys, after the older ones
+            if len(st.old_slots):
+                k, v = torch.cat([old_k, k], 2), torch.cat([old_v, v], 2)
+            return CacheView(k, v, a, b, self.scratch)
+        # Before the ring first wraps, slot = position: the prefix [0, L + n) in order. A decode
+        # step after it reads the whole ring: the W tokens in it are exactly its window.
+        held = min(L + n, S)
+        return CacheView(ring_k[:, :, :held], ring_v[:, :, :held], a, b, self.scratch)
+
+    def commit(self):
+        self.length += self.step.n
+        self.step = None
+
+    def abort(self):
+        """A layer raised during the step: a chunk may have overwritten ring slots it reads."""
+        if self.step is not None and self.step.old_slots is not None and len(self.step.old_slots):
+            self.broken = True
+        self.step = None

@@ -1,6 +1,7 @@
 """Correctness of model.py against slow, obvious references: the naive path for attention,
 full-context forwards for the KV cache. Run: python -m pytest -q"""
 
+import contextlib
 import math
 import warnings
 
@@ -42,10 +43,13 @@ def rel_err(a, b):
     return ((a - b).abs().max() / b.abs().max().clamp(min=1e-12)).item()
 
 
-def logits_and_grads(m, idx, impl):
+def logits_and_grads(m, idx, impl, autocast=None):
+    """Logits and gradients; with autocast, the forward runs under it and the backward outside,
+    as in train.py."""
     m.config.attn_impl = impl
     m.zero_grad(set_to_none=True)
-    logits, loss = m(idx, idx)
+    with autocast or contextlib.nullcontext():
+        logits, loss = m(idx, idx)
     loss.backward()
     grads = {n: (p.grad.clone() if p.grad is not None else torch.zeros_like(p)) for n, p in m.named_parameters()}
     return logits.detach(), grads
@@ -144,6 +148,42 @@ def test_bf16_sdpa_and_fused_agree(regime):
         assert rel_err(grads[name].float(), g.float()) < 6e-2, name
 
 
+def autocast_bf16():
+    return torch.autocast('cpu', dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize('regime', list(REGIMES))
+@pytest.mark.parametrize('T', [W - 1, W, W + 1, 43])
+def test_paths_agree_under_autocast(regime, T):
+    # float32 weights, bf16 autocast (train.py's CUDA setting): the fused backward used to meet
+    # bf16 keys and float32 maps outside autocast and raise.
+    m = make_model(regime)
+    idx = torch.randint(0, 97, (2, T), generator=torch.Generator().manual_seed(T))
+    ref_logits, ref_grads = logits_and_grads(m, idx, 'naive', autocast_bf16())
+    for impl in ('sdpa', 'fused'):
+        logits, grads = logits_and_grads(m, idx, impl, autocast_bf16())
+        assert torch.isfinite(logits.float()).all()
+        assert rel_err(logits.float(), ref_logits.float()) < 3e-2, impl
+        for name, g in ref_grads.items():
+            assert grads[name].dtype == torch.float32 and torch.isfinite(grads[name]).all()
+            assert rel_err(grads[name], g) < 6e-2 or (g.abs().max() == 0 and grads[name].abs().max() == 0), \
+                (impl, name)
+    fp32_logits, _ = logits_and_grads(m, idx, 'naive')  # autocast changes rounding, not the model
+    assert rel_err(ref_logits.float(), fp32_logits) < 3e-2
+
+
+def test_fused_scores_are_float32_under_bf16():
+    # Sharp attention (scores of tens): bf16 scores (8 bits of mantissa) moved the output by 4%
+    # here; with float32 scores what is left is bf16 rounding of p and of the output.
+    g = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(1, 2, 20, 8, generator=g) for _ in range(3))
+    q, k, v = (30 * q).to(torch.bfloat16), k.to(torch.bfloat16), v.to(torch.bfloat16)
+    exact = model.naive_attention(q.float(), k.float(), v.float(), None, None)
+    for impl in ('naive', 'fused'):
+        got = model.ATTENTION[impl](q, k, v, None, None).float()
+        assert rel_err(got, exact) < 1e-2, impl
+
+
 def test_fused_empty_sets_give_no_nan():
     # Uniform: no local key at all; local-only: no distant key; a lone query at position 0.
     for regime in ('uniform', 'local', 'dar'):
@@ -236,7 +276,7 @@ def cached_logits(m, idx, prompt_len, cache):
 
 
 @pytest.mark.parametrize('regime', list(REGIMES))
-@pytest.mark.parametrize('prompt_len', [W - 5, W, W + 7])
+@pytest.mark.parametrize('prompt_len', [W - 5, W - 1, W, W + 1, W + 7])
 def test_cached_decoding_equals_full_forward(regime, prompt_len):
     m = make_model(regime, attn_impl='naive').eval()
     idx = torch.randint(0, 97, (2, 50), generator=torch.Generator().manual_seed(prompt_len))
@@ -250,6 +290,35 @@ def test_cached_decoding_equals_full_forward(regime, prompt_len):
 
 
 @pytest.mark.parametrize('regime', list(REGIMES))
+def test_a_layer_that_raises_leaves_no_half_updated_cache(regime, monkeypatch):
+    m = make_model(regime, attn_impl='naive').eval()
+    idx = torch.randint(0, 97, (2, 40), generator=torch.Generator().manual_seed(8))
+    ref = m(idx)[0]
+    cache = m.new_cache(2, 40)
+    p = W + 5
+    m(idx[:, :p], cache=cache)
+
+    def fail_in_layer_1(chunk):  # layer 0 has written its keys, layer 1 raises
+        with monkeypatch.context() as patch:
+            patch.setattr(m.transformer.h[1].attn, 'forward', lambda *a, **k: 1 / 0)
+            with pytest.raises(ZeroDivisionError):
+                m(chunk, cache=cache)
+
+    with torch.no_grad():
+        fail_in_layer_1(idx[:, p:p + 1])
+        assert cache.length == p
+        # A decode step writes only what no later read needs in full dims: run it again.
+        torch.testing.assert_close(m(idx[:, p:p + 1], cache=cache)[0], ref[:, p:p + 1], rtol=1e-5, atol=1e-5)
+        fail_in_layer_1(idx[:, p + 1:p + 4])
+        if cache.ring_size and cache.ring_size < cache.max_seq_len:  # the chunk overwrote ring slots it reads
+            with pytest.raises(ValueError, match='reset'):
+                m(idx[:, p + 1:p + 4], cache=cache)
+            cache.reset()
+            m(idx[:, :p + 1], cache=cache)
+        torch.testing.assert_close(m(idx[:, p + 1:p + 4], cache=cache)[0], ref[:, p + 1:p + 4], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('regime', list(REGIMES))
 def test_cached_decoding_bf16(regime):
     m = make_model(regime, attn_impl='sdpa').eval().to(torch.bfloat16)
     idx = torch.randint(0, 97, (2, 45), generator=torch.Generator().manual_seed(4))
@@ -258,6 +327,22 @@ def test_cached_decoding_bf16(regime):
         got = cached_logits(m, idx, W + 3, m.new_cache(2, 45)).float()
     assert torch.isfinite(got).all()
     assert rel_err(got, ref) < 3e-2
+
+
+@pytest.mark.parametrize('regime', list(REGIMES))
+def test_cached_decoding_under_autocast(regime):
+    # float32 weights under bf16 autocast: the cache holds bf16, what the attention computes in.
+    m = make_model(regime, attn_impl='naive').eval()
+    idx = torch.randint(0, 97, (2, 45), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad(), autocast_bf16():
+        ref = m(idx)[0].float()
+        cache = m.new_cache(2, 45)
+        assert cache.dtype == torch.bfloat16
+        got = cached_logits(m, idx, W + 3, cache).float()
+        assert m.generate(idx[:, :W + 1], 6, temperature=0).shape == (2, W + 7)
+    assert torch.isfinite(got).all()
+    assert rel_err(got, ref) < 3e-2
+    assert m.new_cache(2, 45).dtype == torch.float32  # outside autocast: the weights' dtype
 
 
 @pytest.mark.parametrize('regime', list(REGIMES))
@@ -364,13 +449,17 @@ def test_bench_runs_and_writes_results(tmp_path):
     import json
     run_script('bench.py', '--preset=tiny', '--dar_window=16', '--dar_rank=8', '--train_seq_lens=[40]',
                '--train_repeats=1', '--decode_contexts=[24,48]', '--decode_steps=2', '--decode_repeats=1',
-               '--prefill_repeats=1', f'--out_dir={tmp_path}')
+               '--prefill_repeats=1', '--decode_batches=[1,2]', '--kv_budget_gib=0.001', '--budget_context=48',
+               f'--out_dir={tmp_path}')
     train = json.loads((tmp_path / 'train_cpu.json').read_text())
     assert {r['case'] for r in train['rows']} == {'full (sdpa)', 'DAR (sdpa)', 'DAR (fused)', 'uniform (auto)'}
     assert all(r['seconds'] > 0 and r['peak_bytes'] > 0 for r in train['rows'])
     decode = json.loads((tmp_path / 'decode_cpu.json').read_text())
-    dar = next(r for r in decode['rows'] if r['case'] == 'DAR' and r['context'] == 48)
-    assert dar['kv_vs_full'] < 1 and dar['decode_tok_s'] > 0
+    assert {(r['batch'], r['context']) for r in decode['rows']} == {(1, 24), (1, 48), (2, 24), (2, 48)}
+    dar = next(r for r in decode['rows'] if r['case'] == 'DAR' and r['context'] == 48 and r['batch'] == 2)
+    assert dar['kv_vs_full'] < 1 and dar['decode_tok_s'] > 0 and dar['bytes_ceiling'] > 1
+    full, dar = decode['budget_rows']
+    assert full['kv_bytes'] <= 2**30 * 0.001 and dar['batch'] > full['batch'] >= 1
     assert (tmp_path / 'decode_cpu.png').stat().st_size > 0
 
 
