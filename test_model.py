@@ -260,6 +260,28 @@ def test_pythia_70m_parameter_count():
     assert m.get_num_params(non_embedding=False) == 70_426_624
 
 
+@pytest.mark.parametrize('out_features', [96, 97])  # 97: no equal row blocks, F.linear
+@pytest.mark.parametrize('bias', [True, False])
+@pytest.mark.parametrize('shape', [(1, 1), (3, 1), (2, 4), (9, 1)])  # rows 1, 3, 8 (matrix-vector), 9 (not)
+def test_linear_matvec_path_equals_f_linear(shape, bias, out_features, monkeypatch):
+    torch.manual_seed(0)
+    layer = model.Linear(24, out_features, bias=bias)
+    x = torch.randn(*shape, 24, requires_grad=True)
+    calls = []
+    bmm = torch.bmm
+    monkeypatch.setattr(torch, 'bmm', lambda *a: calls.append(1) or bmm(*a))
+    y = layer(x)
+    assert len(calls) == (shape[0] * shape[1] <= model.MATVEC_ROWS and out_features % 2 == 0)
+    ref = torch.nn.functional.linear(x, layer.weight, layer.bias)
+    assert y.shape == ref.shape
+    torch.testing.assert_close(y, ref)
+    g = torch.randn_like(ref)
+    got = torch.autograd.grad(y, [x, *layer.parameters()], g)
+    want = torch.autograd.grad(ref, [x, *layer.parameters()], g)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+
+
 # ---------------------------------------------------------------------------------------------
 # KV cache
 
