@@ -36,7 +36,7 @@ decode_contexts = [1024, 4096, 16384, 32768]
 decode_batches = [1, 8]  # one decode table per batch size
 decode_steps = 32  # tokens per timed decode run
 decode_repeats = 5
-decode_compile = False  # torch.compile the decode step's attention (dynamic shapes); off: it did not pay on CPU
+decode_compile = False  # torch.compile the decode step's attention on a static cache; off: it did not pay on CPU
 kv_budget_gib = 4.0  # the budget rows: the largest batch whose KV cache fits in this many GiB...
 budget_context = 32768  # ... at this context, full vs DAR
 prefill_repeats = 3
@@ -209,7 +209,7 @@ def weight_bytes(model):
 def decode_case(model, batch, ctx, warm_prefill):
     """Prefill tok/s (batch 1 up to prefill_max_context, else None) and decode steps/s of model at
     context ctx."""
-    cache = model.new_cache(batch, ctx + decode_steps + 1)
+    cache = model.new_cache(batch, ctx + decode_steps + 1, static=decode_compile)
     prompt = torch.randint(0, model.config.vocab_size, (batch, ctx), device=device)
 
     def prefill():
@@ -235,7 +235,9 @@ def decode_case(model, batch, ctx, warm_prefill):
 def bench_decode():
     if decode_compile:
         import model as model_module
-        model_module.decode_attention = torch.compile(model_module.decode_attention, dynamic=True)
+        # A static cache gives every step of a case one shape: one compilation per case.
+        torch._dynamo.config.recompile_limit = 4 * len(decode_contexts) * len(decode_batches) + 8
+        model_module.decode_attention = torch.compile(model_module.decode_attention, dynamic=False)
     bandwidth = read_bandwidth()
     models = {name: build(w, r).eval() for name, (w, r) in DECODE_CASES.items()}
     kv_bytes = lambda model, batch, ctx: model.new_cache(batch, ctx, device='meta').nbytes()  # read per step

@@ -358,6 +358,8 @@ def decode_attention(q, view, up_k, up_v):
     if n_far:
         torch.matmul(q @ up_k.float().transpose(-2, -1), view.a.float().transpose(-2, -1), out=far)
     torch.cat([near, far], -1, out=scores)
+    if view.mask is not None:
+        scores += view.mask
     torch.softmax(scores, -1, out=scores)  # one kernel, row by row: each row's passes stay in cache
     out = scores[..., :n_near].to(view.v.dtype) @ view.v
     if n_far:
@@ -722,12 +724,13 @@ class GPT(nn.Module):
             return torch.get_autocast_dtype(device_type)
         return self.transformer.wte.weight.dtype
 
-    def new_cache(self, batch_size, max_seq_len, device=None, dtype=None):
+    def new_cache(self, batch_size, max_seq_len, device=None, dtype=None, static=False):
         """A KV cache for batch_size sequences of up to max_seq_len tokens, by default on the
-        model's device and in its compute dtype (so call it under the autocast you decode with)."""
+        model's device and in its compute dtype (so call it under the autocast you decode with).
+        static: decode steps of one shape, for compiling them (KVCache)."""
         device = self.transformer.wte.weight.device if device is None else device
         return KVCache(self.config, batch_size, max_seq_len, device=device,
-                       dtype=self.compute_dtype(device) if dtype is None else dtype)
+                       dtype=self.compute_dtype(device) if dtype is None else dtype, static=static)
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_token=None):
@@ -847,8 +850,10 @@ CacheStep = namedtuple('CacheStep', 'start n writes old_slots n_far')
 # (a, b) of positions [0, n_far) (None without latents). For a decode step every key in k is in
 # the new token's window, in any order; for a chunk, k and v are in position order and end with
 # the chunk itself, and the attention masks by distance.
-# scratch: two flat float32 buffers for a decode step's scores.
-CacheView = namedtuple('CacheView', 'k v a b scratch')
+# scratch: two flat float32 buffers for a decode step's scores. mask: None, or for a static
+# decode step (all slots read, whatever their fill) 0 / -inf per key of [k, a] that it may / may not
+# read.
+CacheView = namedtuple('CacheView', 'k v a b scratch mask')
 
 
 class KVCache:
@@ -866,12 +871,17 @@ class KVCache:
     A step is begin() (checks the input, plans the step), update() per layer, commit() (advances
     length). A decode step that raised partway can simply be run again; a chunk that raised may
     have overwritten ring slots it still reads, so the cache then refuses input until reset().
+
+    static=True: a decode step reads every ring slot and every latent slot, masking those not
+    written yet, so its shapes are the same at every step and it can be compiled (CUDA graphs need
+    this); it then reads max_seq_len tokens' worth however few are cached. Otherwise it reads only
+    what is written (the faster choice in eager mode).
     """
 
     # Prefill runs in query blocks of this size: scores are (B, H, block, context) at a time.
     prefill_block = 256
 
-    def __init__(self, config, batch_size, max_seq_len, device, dtype):
+    def __init__(self, config, batch_size, max_seq_len, device, dtype, static=False):
         if max_seq_len <= 0 or batch_size <= 0:
             raise ValueError(f"batch_size and max_seq_len must be positive, got {batch_size}, {max_seq_len}")
         self.window = config.window
@@ -892,12 +902,18 @@ class KVCache:
         # Decode-step scores, allocated once (B*H floats per cached token; not counted in nbytes).
         n_keys = self.ring_size + (0 if self.a is None else self.a.shape[-2])
         self.scratch = torch.empty(2, B * H * n_keys, device=device, dtype=torch.float32)
+        # Static decode: 0 / -inf per key slot, in the order of the scores [ring | latents].
+        self.mask = torch.full((n_keys,), -math.inf, device=device) if static else None
+        self.unmasked = (0, 0)  # ring and latent slots whose mask is 0 so far
 
     def nbytes(self):
         return sum(t.numel() * t.element_size() for t in (self.k, self.v, self.a, self.b) if t is not None)
 
     def reset(self):
         self.length, self.step, self.broken = 0, None, False  # stale entries are never read
+        if self.mask is not None:
+            self.mask.fill_(-math.inf)
+            self.unmasked = (0, 0)
 
     def begin(self, idx, dtype):
         """Validates the next chunk idx (of activations in dtype) against the cache and plans its
@@ -932,6 +948,11 @@ class KVCache:
             n_old = max(0, min(L, W - 1))  # uniform (W = 0): none
             old_slots = torch.arange(L - n_old, L, device=self.device) % max(S, 1)
         n_far = 0 if self.a is None else min(self.a.shape[-2], max(0, L + n - W))
+        if self.mask is not None and n == 1:  # unmask the slots written since the last decode step
+            held, (was_held, was_far) = min(L + 1, S), self.unmasked
+            self.mask[was_held:held] = 0
+            self.mask[S + was_far:S + n_far] = 0
+            self.unmasked = (held, n_far)
         self.step = CacheStep(L, n, writes, old_slots, n_far)
         return L
 
@@ -951,18 +972,21 @@ class KVCache:
             if hi > L:
                 a[:, :, L:hi] = k[:, :, :hi - L] @ down_k
                 b[:, :, L:hi] = v[:, :, :hi - L] @ down_v
-            a, b = a[:, :, :st.n_far], b[:, :, :st.n_far]
         for lo, hi, src in st.writes:
             ring_k[:, :, lo:hi] = k[:, :, src:src + hi - lo]
             ring_v[:, :, lo:hi] = v[:, :, src:src + hi - lo]
+        if self.mask is not None and n == 1:
+            return CacheView(ring_k, ring_v, a, b, self.scratch, self.mask)
+        if a is not None:
+            a, b = a[:, :, :st.n_far], b[:, :, :st.n_far]
         if st.old_slots is not None:  # the ring wrapped during the chunk: its keys, after the older ones
             if len(st.old_slots):
                 k, v = torch.cat([old_k, k], 2), torch.cat([old_v, v], 2)
-            return CacheView(k, v, a, b, self.scratch)
+            return CacheView(k, v, a, b, self.scratch, None)
         # Before the ring first wraps, slot = position: the prefix [0, L + n) in order. A decode
         # step after it reads the whole ring: the W tokens in it are exactly its window.
         held = min(L + n, S)
-        return CacheView(ring_k[:, :, :held], ring_v[:, :, :held], a, b, self.scratch)
+        return CacheView(ring_k[:, :, :held], ring_v[:, :, :held], a, b, self.scratch, None)
 
     def commit(self):
         self.length += self.step.n

@@ -297,18 +297,54 @@ def cached_logits(m, idx, prompt_len, cache):
     return torch.cat(out, dim=1)
 
 
+@pytest.mark.parametrize('static', [False, True])
 @pytest.mark.parametrize('regime', list(REGIMES))
 @pytest.mark.parametrize('prompt_len', [W - 5, W - 1, W, W + 1, W + 7])
-def test_cached_decoding_equals_full_forward(regime, prompt_len):
+def test_cached_decoding_equals_full_forward(regime, prompt_len, static):
     m = make_model(regime, attn_impl='naive').eval()
     idx = torch.randint(0, 97, (2, 50), generator=torch.Generator().manual_seed(prompt_len))
     ref = m(idx)[0]
-    cache = m.new_cache(2, 50)
+    cache = m.new_cache(2, 50, static=static)
     cache.prefill_block = 4  # long prompts are prefilled in several query blocks
     with torch.no_grad():
         torch.testing.assert_close(cached_logits(m, idx, prompt_len, cache), ref, rtol=1e-5, atol=1e-5)
         cache.reset()  # a reset cache serves a new sequence as if new
         torch.testing.assert_close(cached_logits(m, idx, prompt_len, cache), ref, rtol=1e-5, atol=1e-5)
+
+
+def decode_views(m, cache, idx, monkeypatch):
+    """The shapes of every tensor each decode step's attention reads, decoding idx token by token."""
+    shapes = []
+    attend = model.decode_attention
+    monkeypatch.setattr(model, 'decode_attention', lambda q, view, *maps: shapes.append(
+        tuple(None if t is None else tuple(t.shape) for t in (q, *view))) or attend(q, view, *maps))
+    with torch.no_grad():
+        for t in range(idx.shape[1]):
+            m(idx[:, t:t + 1], cache=cache)
+    return shapes
+
+
+@pytest.mark.parametrize('regime', list(REGIMES))
+def test_static_cache_decodes_with_one_shape(regime, monkeypatch):
+    m = make_model(regime).eval()
+    idx = torch.randint(0, 97, (2, 3 * W), generator=torch.Generator().manual_seed(5))
+    assert len(set(decode_views(m, m.new_cache(2, 3 * W, static=True), idx, monkeypatch))) == 1
+    # The default cache hands each step only what is written: shapes grow until the ring is
+    # full, and the latents grow with every step after that.
+    assert len(set(decode_views(m, m.new_cache(2, 3 * W), idx, monkeypatch))) > 1
+
+
+def test_compiled_static_decode_equals_eager(monkeypatch):
+    m = make_model('dar').eval()
+    idx = torch.randint(0, 97, (2, 40), generator=torch.Generator().manual_seed(6))
+    ref = m(idx)[0]
+    compiled = torch.compile(model.decode_attention, dynamic=False, fullgraph=True)
+    monkeypatch.setattr(model, 'decode_attention', compiled)
+    cache = m.new_cache(2, 40, static=True)
+    with torch.no_grad():
+        got = torch.cat([m(idx[:, :W + 3], cache=cache)[0]] +
+                        [m(idx[:, t:t + 1], cache=cache)[0] for t in range(W + 3, 40)], 1)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize('regime', list(REGIMES))
