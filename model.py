@@ -427,9 +427,8 @@ class Linear(nn.Linear):
     F.linear). bf16 and autocast gain nothing there, and GPUs have their own kernels."""
 
     def forward(self, x):
-        rows = x.numel() // self.in_features
-        blocks = next((k for k in (8, 4, 2) if self.out_features % k == 0), None)
-        if (x.device.type != 'cpu' or rows > MATVEC_ROWS or blocks is None or torch.is_autocast_enabled('cpu')
+        rows, blocks = x.numel() // self.in_features, math.gcd(self.out_features, 8)
+        if (x.device.type != 'cpu' or rows > MATVEC_ROWS or blocks == 1 or torch.is_autocast_enabled('cpu')
                 or x.dtype != torch.float32 or self.weight.dtype != torch.float32):
             return super().forward(x)
         weight = self.weight.view(blocks, self.out_features // blocks, self.in_features)
@@ -902,9 +901,9 @@ class KVCache:
         # Decode-step scores, allocated once (B*H floats per cached token; not counted in nbytes).
         n_keys = self.ring_size + (0 if self.a is None else self.a.shape[-2])
         self.scratch = torch.empty(2, B * H * n_keys, device=device, dtype=torch.float32)
-        # Static decode: 0 / -inf per key slot, in the order of the scores [ring | latents].
+        # Static decode: per key slot, in the order of the scores [ring | latents], 0 once written
+        # since the last reset, else -inf.
         self.mask = torch.full((n_keys,), -math.inf, device=device) if static else None
-        self.unmasked = (0, 0)  # ring and latent slots whose mask is 0 so far
 
     def nbytes(self):
         return sum(t.numel() * t.element_size() for t in (self.k, self.v, self.a, self.b) if t is not None)
@@ -913,7 +912,10 @@ class KVCache:
         self.length, self.step, self.broken = 0, None, False  # stale entries are never read
         if self.mask is not None:
             self.mask.fill_(-math.inf)
-            self.unmasked = (0, 0)
+
+    def n_far(self, length):
+        """How many latents a cache holding length tokens has written that a query can read."""
+        return 0 if self.a is None else min(self.a.shape[-2], max(0, length - self.window))
 
     def begin(self, idx, dtype):
         """Validates the next chunk idx (of activations in dtype) against the cache and plans its
@@ -947,12 +949,10 @@ class KVCache:
             # (up to W - 1 before it) are gathered before their slots are overwritten.
             n_old = max(0, min(L, W - 1))  # uniform (W = 0): none
             old_slots = torch.arange(L - n_old, L, device=self.device) % max(S, 1)
-        n_far = 0 if self.a is None else min(self.a.shape[-2], max(0, L + n - W))
-        if self.mask is not None and n == 1:  # unmask the slots written since the last decode step
-            held, (was_held, was_far) = min(L + 1, S), self.unmasked
-            self.mask[was_held:held] = 0
-            self.mask[S + was_far:S + n_far] = 0
-            self.unmasked = (held, n_far)
+        n_far = self.n_far(L + n)
+        if self.mask is not None:  # unmask the slots this step writes
+            self.mask[min(L, S):min(L + n, S)] = 0
+            self.mask[S + self.n_far(L):S + n_far] = 0
         self.step = CacheStep(L, n, writes, old_slots, n_far)
         return L
 
