@@ -236,7 +236,7 @@ def bench_decode():
     if decode_compile:
         import model as model_module
         # A static cache gives every step of a case one shape: one compilation per case.
-        torch._dynamo.config.recompile_limit = 4 * len(decode_contexts) * len(decode_batches) + 8
+        torch._dynamo.config.recompile_limit = len(DECODE_CASES) * len(decode_contexts) * len(decode_batches) + 8
         model_module.decode_attention = torch.compile(model_module.decode_attention, dynamic=False)
     bandwidth = read_bandwidth()
     models = {name: build(w, r).eval() for name, (w, r) in DECODE_CASES.items()}

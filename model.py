@@ -901,8 +901,9 @@ class KVCache:
         # Decode-step scores, allocated once (B*H floats per cached token; not counted in nbytes).
         n_keys = self.ring_size + (0 if self.a is None else self.a.shape[-2])
         self.scratch = torch.empty(2, B * H * n_keys, device=device, dtype=torch.float32)
-        # Static decode: per key slot, in the order of the scores [ring | latents], 0 once written
-        # since the last reset, else -inf.
+        # Static decode: per key slot, in the order of the scores [ring | latents], 0 once the
+        # newest token may read it (a ring slot: written; a latent: its token left the window),
+        # else -inf; reset() masks all.
         self.mask = torch.full((n_keys,), -math.inf, device=device) if static else None
 
     def nbytes(self):
