@@ -44,7 +44,7 @@ from tqdm import tqdm
 
 import evaluate
 from configurator import configure
-from model import GPT, REGIMES, GPTConfig, regime_grid
+from model import GPT, REGIMES, GPTConfig, regime_settings
 from storage import load_checkpoint
 
 # -----------------------------------------------------------------------------
@@ -56,13 +56,6 @@ dar_ranks = ''  # comma-separated r of the dar and uniform runs; empty: head_dim
 nproc = 1  # processes per run; above 1 each run goes through torchrun (DDP)
 eval_sequences = 128  # fixed validation sequences for the loss by position
 # -----------------------------------------------------------------------------
-config = {k: v for k, v in globals().items()
-          if not k.startswith('_') and isinstance(v, (int, float, bool, str, type(None)))}
-train_settings = configure(config, sys.argv[1:], passthrough=True)
-globals().update(config)
-# -----------------------------------------------------------------------------
-
-TRAIN_PY = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'train.py')
 Run = namedtuple('Run', 'setting seed')
 
 
@@ -73,37 +66,59 @@ def int_list(name, text):
         raise SystemExit(f"{name} must be comma-separated integers, got '{text}'") from None
 
 
-regime_names = regimes.split(',')
-if unknown := [r for r in regime_names if r not in REGIMES]:
-    raise SystemExit(f"unknown regime(s) {', '.join(unknown)}; choose from {', '.join(REGIMES)}")
-# A single dar_window / dar_rank (what a config file shared with train.py sets) is a one-item list.
-for single, plural in (('dar_window', 'dar_windows'), ('dar_rank', 'dar_ranks')):
-    if single in train_settings:
-        if config[plural]:
-            raise SystemExit(f"both {single} and {plural} are set; give the values as --{plural} only")
-        value = train_settings.pop(single)
-        config[plural] = '' if value is None else str(value)
-window_list, rank_list = int_list('dar_windows', config['dar_windows']), int_list('dar_ranks', config['dar_ranks'])
-seed_list = int_list('seeds', seeds)
-if {'dar', 'local'} & set(regime_names) and (not window_list or min(window_list) <= 0):
-    raise SystemExit("the dar and local regimes need a window: set dar_windows (e.g. --dar_windows=64 or 16,32,64)")
-if nproc < 1:
-    raise SystemExit(f"nproc must be at least 1, got {nproc}")
-if not seed_list:
-    raise SystemExit("seeds is empty: give at least one (e.g. --seeds=1337,1338)")
-if 'seed' in train_settings:
-    raise SystemExit("compare.py sets each run's seed: use --seeds (e.g. --seeds=1337,1338)")
-init_from = train_settings.get('init_from', 'scratch')
-if init_from == 'resume':
-    raise SystemExit("compare.py continues unfinished runs by itself: leave init_from out (or give the model to "
-                     "retrofit: --init_from=<ckpt.pt or GPT-NeoX model>)")
-retrofit = init_from != 'scratch'
-settings_grid = regime_grid(regime_names, window_list, rank_list)
-# a retrofit also runs dar with random latent maps: what the calibration is worth
-RANDOM_MAPS = {s.name + '-random' for s in settings_grid if s.regime == 'dar'} if retrofit else set()
-settings_grid += [s._replace(name=s.name + '-random') for s in settings_grid if s.name + '-random' in RANDOM_MAPS]
-runs = [Run(setting, seed) for seed in seed_list for setting in settings_grid]
-reference_window = min(window_list) if window_list else None  # W of the long-context gain, for every run
+# one run's model settings: regime, dar_window, dar_rank as GPTConfig takes them; name e.g. 'dar-W16-r8'
+Setting = namedtuple('Setting', 'regime dar_window dar_rank name')
+
+
+def regime_grid(regimes, windows, ranks):
+    """Every regime at every setting it depends on: dar at each (W, r), uniform at each r, local
+    at each W, full once. An empty ranks list means the default rank (d/4)."""
+    options = {'full': [(None, None)],
+               'dar': [(w, r) for w in windows for r in ranks or [None]],
+               'uniform': [(None, r) for r in ranks or [None]],
+               'local': [(w, None) for w in windows]}
+    return [Setting(regime, *regime_settings(regime, w, r),
+                    regime + (f'-W{w}' if w is not None else '') + (f'-r{r}' if r is not None else ''))
+            for regime in regimes for w, r in options[regime]]
+
+
+if __name__ == '__main__':
+    config = {k: v for k, v in globals().items()
+              if not k.startswith('_') and isinstance(v, (int, float, bool, str, type(None)))}
+    train_settings = configure(config, sys.argv[1:], passthrough=True)
+    globals().update(config)
+    # -----------------------------------------------------------------------------
+    regime_names = regimes.split(',')
+    if unknown := [r for r in regime_names if r not in REGIMES]:
+        raise SystemExit(f"unknown regime(s) {', '.join(unknown)}; choose from {', '.join(REGIMES)}")
+    # A single dar_window / dar_rank (what a config file shared with train.py sets) is a one-item list.
+    for single, plural in (('dar_window', 'dar_windows'), ('dar_rank', 'dar_ranks')):
+        if single in train_settings:
+            if config[plural]:
+                raise SystemExit(f"both {single} and {plural} are set; give the values as --{plural} only")
+            value = train_settings.pop(single)
+            config[plural] = '' if value is None else str(value)
+    window_list, rank_list = int_list('dar_windows', config['dar_windows']), int_list('dar_ranks', config['dar_ranks'])
+    seed_list = int_list('seeds', seeds)
+    if {'dar', 'local'} & set(regime_names) and (not window_list or min(window_list) <= 0):
+        raise SystemExit("the dar and local regimes need a window: set dar_windows (e.g. --dar_windows=64 or 16,32,64)")
+    if nproc < 1:
+        raise SystemExit(f"nproc must be at least 1, got {nproc}")
+    if not seed_list:
+        raise SystemExit("seeds is empty: give at least one (e.g. --seeds=1337,1338)")
+    if 'seed' in train_settings:
+        raise SystemExit("compare.py sets each run's seed: use --seeds (e.g. --seeds=1337,1338)")
+    init_from = train_settings.get('init_from', 'scratch')
+    if init_from == 'resume':
+        raise SystemExit("compare.py continues unfinished runs by itself: leave init_from out (or give the model to "
+                         "retrofit: --init_from=<ckpt.pt or GPT-NeoX model>)")
+    retrofit = init_from != 'scratch'
+    settings_grid = regime_grid(regime_names, window_list, rank_list)
+    # a retrofit also runs dar with random latent maps: what the calibration is worth
+    RANDOM_MAPS = {s.name + '-random' for s in settings_grid if s.regime == 'dar'} if retrofit else set()
+    settings_grid += [s._replace(name=s.name + '-random') for s in settings_grid if s.name + '-random' in RANDOM_MAPS]
+    runs = [Run(setting, seed) for seed in seed_list for setting in settings_grid]
+    reference_window = min(window_list) if window_list else None  # W of the long-context gain, for every run
 
 
 def run_dir(run):
@@ -149,7 +164,8 @@ def train(run, bar):
             return
         args['init_from'] = 'resume'
     launcher = [] if nproc == 1 else ['-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}']
-    cmd = [sys.executable, *launcher, TRAIN_PY, *(f'--{k}={v!r}' for k, v in args.items())]
+    train_py = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'train.py')
+    cmd = [sys.executable, *launcher, train_py, *(f'--{k}={v!r}' for k, v in args.items())]
     os.makedirs(run_dir(run), exist_ok=True)
     with open(os.path.join(run_dir(run), 'settings.json'), 'w', encoding='utf-8') as f:
         json.dump(settings, f, indent=1)
@@ -385,8 +401,9 @@ def plot_memory_quality(summary, first):
     plt.close(fig)
 
 
-with tqdm(runs, unit='run', desc='compare') as bar:
-    for run in bar:
-        bar.set_description(f"compare: {run.setting.name} seed {run.seed}")
-        train(run, bar)
-write_report([summarize(run) for run in tqdm(runs, unit='run', desc='evaluate')])
+if __name__ == '__main__':
+    with tqdm(runs, unit='run', desc='compare') as bar:
+        for run in bar:
+            bar.set_description(f"compare: {run.setting.name} seed {run.seed}")
+            train(run, bar)
+    write_report([summarize(run) for run in tqdm(runs, unit='run', desc='evaluate')])

@@ -15,8 +15,10 @@ import time
 import torch
 
 from configurator import configure
-from model import GPT, GPTConfig, check_sampling
+from cpu_matvec import use_matvec
+from model import GPT, GPTConfig
 from prepare import load_tokenizer
+from sampling import check_sampling
 from storage import load_checkpoint
 
 init_from = 'resume'  # 'resume' (out_dir/ckpt.pt) or a preset name for random weights
@@ -37,7 +39,7 @@ dar_rank = -1  # with a preset: -1 keeps head_dim // 4, else r
 config = {k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, str))}
 configure(config, sys.argv[1:])
 globals().update(config)
-top_k, top_p = top_k or None, top_p or None  # 0 turns them off here; model.sample_next takes None for that
+top_k, top_p = top_k or None, top_p or None  # 0 turns them off here; sample_next takes None for that
 try:
     check_sampling(temperature, top_k, top_p)
 except ValueError as e:
@@ -67,6 +69,8 @@ else:
     except ValueError as e:
         raise SystemExit(f"--init_from: {e}") from None
 model.eval().to(device=device, dtype=getattr(torch, dtype))
+if device == 'cpu':
+    use_matvec(model)  # faster CPU decode steps, the same math
 print(f"{model.config.regime} attention, {model.get_num_params() / 1e6:.2f}M non-embedding parameters")
 
 meta_path = dataset if os.path.isabs(dataset) else os.path.join('data', dataset)

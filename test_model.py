@@ -8,7 +8,9 @@ import warnings
 import pytest
 import torch
 
+import cpu_matvec
 import model
+import sampling
 from model import GPT, GPTConfig, KVCache
 
 W = 16  # window of the small test models
@@ -228,17 +230,6 @@ def test_regimes_and_parameters():
         make_model('full')(torch.zeros(1, 65, dtype=torch.long))
 
 
-def test_regime_grid_expands_a_sweep():
-    grid = model.regime_grid(REGIMES, windows=[8, 16], ranks=[2, 4])
-    assert [g.name for g in grid] == ['full', 'dar-W8-r2', 'dar-W8-r4', 'dar-W16-r2', 'dar-W16-r4',
-                                      'uniform-r2', 'uniform-r4', 'local-W8', 'local-W16']
-    assert [(g.dar_window, g.dar_rank) for g in grid] == [(None, None), (8, 2), (8, 4), (16, 2), (16, 4),
-                                                          (0, 2), (0, 4), (8, 0), (16, 0)]
-    for g in grid:
-        assert small_config('full', dar_window=g.dar_window, dar_rank=g.dar_rank).regime == g.regime
-    assert [g.name for g in model.regime_grid(['dar', 'uniform'], [8], [])] == ['dar-W8', 'uniform']
-
-
 def test_masked_loss_is_the_mean_over_counted_targets_only():
     m = make_model('dar')
     idx = torch.randint(0, 97, (2, 20))
@@ -265,13 +256,13 @@ def test_pythia_70m_parameter_count():
 @pytest.mark.parametrize('shape', [(1, 1), (3, 1), (2, 4), (9, 1)])  # rows 1, 3, 8 (matrix-vector), 9 (not)
 def test_linear_matvec_path_equals_f_linear(shape, bias, out_features, monkeypatch):
     torch.manual_seed(0)
-    layer = model.Linear(24, out_features, bias=bias)
+    layer = cpu_matvec.MatvecLinear(24, out_features, bias=bias)
     x = torch.randn(*shape, 24, requires_grad=True)
     calls = []
     bmm = torch.bmm
     monkeypatch.setattr(torch, 'bmm', lambda *a: calls.append(1) or bmm(*a))
     y = layer(x)
-    assert len(calls) == (shape[0] * shape[1] <= model.MATVEC_ROWS and out_features % 2 == 0)
+    assert len(calls) == (shape[0] * shape[1] <= cpu_matvec.MATVEC_ROWS and out_features % 2 == 0)
     ref = torch.nn.functional.linear(x, layer.weight, layer.bias)
     assert y.shape == ref.shape
     torch.testing.assert_close(y, ref)
@@ -439,7 +430,7 @@ def test_generate_sampling_options():
     assert out.shape == (2, 4) and (out[:, -1] == eos).all()
     # top_p keeps the smallest set covering p: with a dominant token, p=0.5 keeps only it.
     logits = torch.tensor([[5.0, 0.0, 0.0, 0.0]]).repeat(50, 1)
-    assert (model.sample_next(logits, top_p=0.5) == 0).all()
+    assert (sampling.sample_next(logits, top_p=0.5) == 0).all()
 
 
 @pytest.mark.parametrize('kw, match', [
@@ -452,7 +443,7 @@ def test_generate_sampling_options():
 ])
 def test_sampling_settings_out_of_range_are_named(kw, match):
     with pytest.raises(ValueError, match=match):
-        model.sample_next(torch.zeros(2, 5), **kw)
+        sampling.sample_next(torch.zeros(2, 5), **kw)
     with pytest.raises(ValueError, match=match):
         make_model('dar').eval().generate(torch.zeros(1, 3, dtype=torch.long), 4, **kw)
 

@@ -3,6 +3,7 @@ data-calibrated latent maps. Run: python -m pytest -q"""
 import pytest
 import torch
 
+import retrofit
 from model import GPT, GPTConfig
 
 transformers = pytest.importorskip('transformers')
@@ -30,7 +31,7 @@ def random_neox(tmp_path, **kw):
 ])
 def test_neox_logits_equal_transformers(tmp_path, kw):
     hf = random_neox(tmp_path, **kw)
-    ours = GPT.from_pretrained(str(tmp_path)).eval()
+    ours = retrofit.from_pretrained(str(tmp_path)).eval()
     assert ours.config.parallel_residual == kw['use_parallel_residual']
     idx = torch.randint(0, 101, (3, 37))
     with torch.no_grad():
@@ -40,8 +41,8 @@ def test_neox_logits_equal_transformers(tmp_path, kw):
 
 def test_neox_import_to_dar_keeps_every_weight(tmp_path):
     random_neox(tmp_path)
-    full = GPT.from_pretrained(str(tmp_path))
-    dar = GPT.from_pretrained(str(tmp_path), dar_window=8, dar_rank=4, block_size=40)
+    full = retrofit.from_pretrained(str(tmp_path))
+    dar = retrofit.from_pretrained(str(tmp_path), dar_window=8, dar_rank=4, block_size=40)
     assert dar.config.regime == 'dar' and dar.config.block_size == 40
     for name, t in full.state_dict().items():
         assert torch.equal(t, dar.state_dict()[name]), name
@@ -50,9 +51,9 @@ def test_neox_import_to_dar_keeps_every_weight(tmp_path):
 def test_neox_import_rejects_another_layout(tmp_path):
     random_neox(tmp_path, hidden_act='relu')
     with pytest.raises(ValueError, match='hidden_act'):
-        GPT.from_pretrained(str(tmp_path))
+        retrofit.from_pretrained(str(tmp_path))
     with pytest.raises(ValueError, match='cannot load a GPT-NeoX model'):
-        GPT.from_pretrained(str(tmp_path / 'nothing-here'))
+        retrofit.from_pretrained(str(tmp_path / 'nothing-here'))
 
 
 def trained_like(regime_kw, seed=0):
@@ -64,7 +65,7 @@ def trained_like(regime_kw, seed=0):
             if name.endswith('c_attn.weight'):  # anisotropic keys, as trained ones are
                 p.mul_(torch.linspace(0.1, 3.0, p.shape[1]))
     dar = GPT(GPTConfig(**SHAPE, rotary_pct=0.5, **regime_kw))
-    dar.load_base_weights(full.state_dict(), 'the full model')
+    retrofit.load_base_weights(dar, full.state_dict(), 'the full model')
     batches = [torch.randint(0, 101, (2, 40), generator=torch.Generator().manual_seed(s)) for s in range(3)]
     return full, dar, batches
 
@@ -79,7 +80,7 @@ def test_calibrated_maps_at_full_rank_reproduce_full_attention(maps, window):
             block.attn.down_k.normal_()
             block.attn.down_v.normal_()
         before = (dar(idx)[0] - full(idx)[0]).abs().max().item()
-        dar.calibrate_latents(batches)
+        retrofit.calibrate_latents(dar, batches)
         after = (dar(idx)[0] - full(idx)[0]).abs().max().item()
     assert after < 1e-4 < before
 
@@ -112,7 +113,7 @@ def test_calibrated_maps_reconstruct_better_than_random():
     full, dar, batches = trained_like(dict(dar_window=8, dar_rank=4))
     kv = keys_and_values(full, batches)
     random_error = reconstruction_error(dar, kv)
-    dar.calibrate_latents(batches)
+    retrofit.calibrate_latents(dar, batches)
     calibrated_error = reconstruction_error(dar, kv)
     assert calibrated_error < random_error
     # the best rank-4 subspace: no other (here: a perturbed one) does better on these keys
@@ -127,13 +128,13 @@ def test_calibrated_maps_reconstruct_better_than_random():
 def test_calibration_needs_latents():
     full, _, batches = trained_like(dict(dar_window=8, dar_rank=4))
     with pytest.raises(ValueError, match='no latent maps'):
-        full.calibrate_latents(batches)
+        retrofit.calibrate_latents(full, batches)
 
 
 def test_base_weights_must_fit():
     full, dar, _ = trained_like(dict(dar_window=8, dar_rank=4))
     wider = GPT(GPTConfig(**{**SHAPE, 'n_embd': 128}, dar_window=8))
     with pytest.raises(ValueError, match='do not fit this model.*n_embd'):
-        wider.load_base_weights(full.state_dict(), 'the full model')
+        retrofit.load_base_weights(wider, full.state_dict(), 'the full model')
     # latent maps of another rank are re-initialised, not an error
-    assert len(dar.load_base_weights(GPT(GPTConfig(**SHAPE, dar_window=8, dar_rank=2)).state_dict(), 'r2')) == 4 * 2
+    assert len(retrofit.load_base_weights(dar, GPT(GPTConfig(**SHAPE, dar_window=8, dar_rank=2)).state_dict(), 'r2')) == 4 * 2

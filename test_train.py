@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 import torch
 
+import compare
 import evaluate
+import model
 import prepare
 from configurator import configure
 from data import Dataset
@@ -639,3 +641,14 @@ def test_compare_retrofit(shakespeare, full_run, tmp_path):
     assert summary['full']['steps_to_within_1pct'] == [0]
     table = (tmp_path / 'results.md').read_text()
     assert '| dar | 8 | 4 | calibrated |' in table and '| dar | 8 | 4 | random |' in table
+
+
+def test_regime_grid_expands_a_sweep():
+    grid = compare.regime_grid(model.REGIMES, windows=[8, 16], ranks=[2, 4])
+    assert [g.name for g in grid] == ['full', 'dar-W8-r2', 'dar-W8-r4', 'dar-W16-r2', 'dar-W16-r4',
+                                      'uniform-r2', 'uniform-r4', 'local-W8', 'local-W16']
+    assert [(g.dar_window, g.dar_rank) for g in grid] == [(None, None), (8, 2), (8, 4), (16, 2), (16, 4),
+                                                          (0, 2), (0, 4), (8, 0), (16, 0)]
+    for g in grid:
+        assert GPTConfig(block_size=64, n_embd=32, n_head=2, dar_window=g.dar_window, dar_rank=g.dar_rank).regime == g.regime
+    assert [g.name for g in compare.regime_grid(['dar', 'uniform'], [8], [])] == ['dar-W8', 'uniform']

@@ -27,7 +27,6 @@ import math
 import os
 import sys
 import time
-from collections import namedtuple
 from contextlib import nullcontext
 
 import numpy as np
@@ -37,7 +36,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from configurator import configure
 from data import Dataset
-from model import GPT, GPTConfig, load_neox
+import retrofit
+from model import GPT, GPTConfig
 from storage import load_checkpoint, write_atomically
 
 # -----------------------------------------------------------------------------
@@ -163,15 +163,11 @@ MODEL_KEYS = ('n_layer', 'n_head', 'n_embd', 'dar_window', 'dar_rank', 'dar_maps
 RETROFIT_KEYS = ('dar_window', 'dar_rank', 'dar_maps', 'attn_impl')  # what a retrofit may change, with block_size
 
 
-Base = namedtuple('Base', 'model_args state_dict optimizer')  # the trained model a retrofit starts from
 
 
 def load_base(source):
-    if os.path.isfile(source):
-        ckpt = load_checkpoint(source, device)
-        return Base(ckpt['model_args'], ckpt['model'], ckpt.get('optimizer'))
     try:
-        return Base(*load_neox(source), optimizer=None)
+        return retrofit.load_base(source, device)
     except ValueError as e:
         raise SystemExit(f"--init_from={source}: not a checkpoint file, and {e}") from None
 
@@ -215,13 +211,13 @@ if checkpoint is not None:
     model.load_state_dict(checkpoint['model'])
 elif base is not None:
     try:
-        new_params = model.load_base_weights(base.state_dict, retrofit_from)
+        new_params = retrofit.load_base_weights(model, base.state_dict, retrofit_from)
     except ValueError as e:
         raise SystemExit(str(e)) from None
 model.to(device)
 if new_params and latent_init == 'calibrated':
     # the same batches on every process, so every replica starts from the same maps
-    model.calibrate_latents(get_batch('train', CALIBRATION_STREAM, k)[0] for k in range(calibration_batches))
+    retrofit.calibrate_latents(model, (get_batch('train', CALIBRATION_STREAM, k)[0] for k in range(calibration_batches)))
 if master and base is not None:
     print(f"retrofit of {retrofit_from} to {model_config.regime} attention; new: "
           f"{', '.join(sorted({n.rsplit('.', 1)[-1] for n in new_params})) or 'nothing'}"
@@ -239,14 +235,8 @@ if checkpoint is not None:
     iter_num, best_val_loss = checkpoint['iter_num'], checkpoint['best_val_loss']
     saved_iter = iter_num
     checkpoint = None  # free it
-elif base is not None and base.optimizer is not None:
-    # AdamW moments of the base's parameters carry over; the new latent maps start from none
-    with torch.device('meta'):
-        base_names = sum(GPT(GPTConfig(**base.model_args)).param_groups(), [])
-    by_name = {base_names[i]: state for i, state in base.optimizer['state'].items()}
-    resumed = optimizer.state_dict()
-    resumed['state'] = {i: by_name[n] for i, n in enumerate(sum(model.param_groups(), [])) if n in by_name}
-    optimizer.load_state_dict(resumed)
+elif base is not None:
+    retrofit.carry_optimizer_state(optimizer, model, base)
 base = None  # free it
 if compile:
     model = torch.compile(model)
@@ -382,7 +372,8 @@ while True:
     train_time, train_iters = train_time + dt, train_iters + 1
     if master and iter_num % log_interval == 0:
         lossf = loss.item() * gradient_accumulation_steps  # the last micro-batch's, of this process
-        mfu = raw_model.estimate_mfu(batch_size * gradient_accumulation_steps, dt)
+        # model FLOPs utilisation against an A100's bf16 peak, as nanoGPT
+        mfu = raw_model.flops_per_token(block_size) * tokens_per_iter / world_size / dt / 312e12
         running_mfu = mfu if running_mfu < 0 else 0.9 * running_mfu + 0.1 * mfu
         print(f"iter {iter_num}: loss {lossf:.4f}, lr {lr:.2e}, {dt * 1000:.0f}ms, "
               f"{tokens_per_iter / dt:,.0f} tok/s, mfu {running_mfu * 100:.2f}%")

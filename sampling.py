@@ -1,0 +1,29 @@
+"""Sampling one token from logits, and the check of its settings (model.GPT.generate, sample.py)."""
+import torch
+
+
+def check_sampling(temperature, top_k, top_p):
+    """A ValueError naming the first sampling setting out of range."""
+    if not temperature >= 0:  # a negative one would turn the distribution upside down
+        raise ValueError(f"temperature must be at least 0 (0: greedy), got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be at least 1, got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+
+
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None):
+    """One token per row from (B, V) logits."""
+    check_sampling(temperature, top_k, top_p)
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+        logits = logits.masked_fill(logits < kth, float('-inf'))
+    if top_p is not None:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs > top_p  # the tokens before it already cover top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float('-inf')))
+    return torch.multinomial(logits.softmax(-1), 1)[:, 0]
