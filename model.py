@@ -9,13 +9,12 @@ Per head (head dim d, latent rank r, window W), with q, k, v after the rotary em
     where a_j = k_j A and b_j = v_j C are r-dim latents (A, C: d x r down, U, V: r x d up),
     and one softmax runs over L(i) u D(i).
 
-A distant token is only ever read as its latent (a_j, b_j): 2r numbers per head instead of 2d.
-The up maps meet the query and the weighted latent sum, once per query, never a cached token;
-that is what makes the KV-cache saving real. Full attention, uniform reduction and local-only
-are settings of the same block (regime_settings). Attention paths, exact and interchangeable:
-naive (the reference), sdpa, fused (blockwise, flash-style backward) and, with a KV cache, the
-absorbed decode step. Reading order: config -> the local/distant rule -> attention -> DARAttention
--> MLP, Block -> GPT -> KVCache -> the fused path. GPT-NeoX import and retrofit: retrofit.py.
+A distant token is only ever read as its latent (a_j, b_j): 2r numbers per head instead of 2d;
+the up maps meet the query and the weighted latent sum, never a cached token. Full attention,
+uniform reduction and local-only are settings of the same block (regime_settings). Attention paths,
+exact and interchangeable: naive (the reference), sdpa, fused (blockwise, flash-style backward) and
+the absorbed decode step of the KV cache. Reading order: config -> the local/distant rule ->
+attention -> DARAttention -> MLP, Block -> GPT -> KVCache -> the fused path. Retrofit: retrofit.py.
 """
 
 import math
@@ -30,8 +29,7 @@ import torch.nn.functional as F
 
 from sampling import check_sampling, sample_next
 
-# ----------------------------------------------------------------------------------------------
-# Configuration
+# ---- Configuration
 
 ATTN_IMPLS = ('auto', 'sdpa', 'fused', 'naive')
 DAR_MAPS = ('free', 'tied')
@@ -47,8 +45,7 @@ PRESETS = {
 
 
 def regime_settings(regime, window=None, rank=None):
-    """(dar_window, dar_rank) of a regime: the one table of the four regimes. window: W of dar and
-    local; rank: r of dar and uniform (None: d/4). GPTConfig.regime reads it back."""
+    """(dar_window, dar_rank) of a regime, the one table of the four (GPTConfig.regime reads it back)."""
     table = {'full': (None, None), 'dar': (window, rank), 'uniform': (0, rank), 'local': (window, 0)}
     if regime not in table:
         raise ValueError(f"unknown regime {regime!r}; choose from {', '.join(table)}")
@@ -75,25 +72,22 @@ class GPTConfig:
     dropout: float = 0.0
 
     def __post_init__(self):
-        def require(ok, message):
+        for name in ('block_size', 'vocab_size', 'n_layer', 'n_head', 'n_embd', 'dar_window', 'dar_rank'):
+            value, optional = getattr(self, name), name.startswith('dar_')  # the dar ones: None or >= 0
+            if not (optional and value is None or type(value) is int and value >= 1 - optional):
+                raise ValueError(f"{name} must be {'None or ' * optional}an integer >= {1 - optional}, got {value!r}")
+        self.dar_rank = self.head_dim // 4 if self.dar_rank is None else self.dar_rank
+        for ok, message in (
+                (self.n_embd % self.n_head == 0, f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})"),
+                (self.dar_rank <= self.head_dim, f"dar_rank must be <= head_dim {self.head_dim}, got {self.dar_rank}"),
+                (self.dar_window != 0 or self.dar_rank > 0, "dar_window=0 with dar_rank=0 leaves no key to attend to; "
+                 "set dar_rank > 0 (uniform reduction) or dar_window > 0 (local-only)"),
+                (self.dar_maps in DAR_MAPS, f"dar_maps must be one of {DAR_MAPS}, got {self.dar_maps!r}"),
+                (self.attn_impl in ATTN_IMPLS, f"attn_impl must be one of {ATTN_IMPLS}, got {self.attn_impl!r}"),
+                (0.0 <= self.rotary_pct <= 1.0, f"rotary_pct must be in [0, 1], got {self.rotary_pct}"),
+                (0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")):
             if not ok:
                 raise ValueError(message)
-        for name in ('block_size', 'vocab_size', 'n_layer', 'n_head', 'n_embd'):
-            value = getattr(self, name)
-            require(type(value) is int and value > 0, f"{name} must be a positive integer, got {value!r}")
-        require(self.n_embd % self.n_head == 0, f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
-        require(self.dar_maps in DAR_MAPS, f"dar_maps must be one of {DAR_MAPS}, got {self.dar_maps!r}")
-        require(self.attn_impl in ATTN_IMPLS, f"attn_impl must be one of {ATTN_IMPLS}, got {self.attn_impl!r}")
-        require(0.0 <= self.rotary_pct <= 1.0, f"rotary_pct must be in [0, 1], got {self.rotary_pct}")
-        require(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
-        for name in ('dar_window', 'dar_rank'):
-            value = getattr(self, name)
-            require(value is None or (type(value) is int and value >= 0),
-                    f"{name} must be None or an integer >= 0, got {value!r}")
-        self.dar_rank = self.head_dim // 4 if self.dar_rank is None else self.dar_rank
-        require(self.dar_rank <= self.head_dim, f"dar_rank must be in [0, head_dim={self.head_dim}], got {self.dar_rank}")
-        require(self.dar_window != 0 or self.dar_rank > 0, "dar_window=0 with dar_rank=0 leaves no key to attend to; "
-                "set dar_rank > 0 (uniform reduction) or dar_window > 0 (local-only)")
 
     @classmethod
     def from_preset(cls, name, **overrides):
@@ -101,9 +95,7 @@ class GPTConfig:
             raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
         return cls(**{**PRESETS[name], **overrides})
 
-    @property
-    def head_dim(self):
-        return self.n_embd // self.n_head
+    head_dim = property(lambda self: self.n_embd // self.n_head)
 
     @property
     def regime(self):
@@ -114,35 +106,28 @@ class GPTConfig:
         return 'uniform' if self.dar_window == 0 else 'dar'
 
     @property
-    def window(self):
-        """The attention window, None when unbounded (full attention)."""
+    def window(self):  # None: unbounded
         return None if self.regime == 'full' else self.dar_window
 
-    @property
-    def has_latents(self):
-        return self.regime in ('dar', 'uniform')
+    has_latents = property(lambda self: self.regime in ('dar', 'uniform'))
 
 
-# ----------------------------------------------------------------------------------------------
-# The local/distant rule, written once. Every mask and every index bound below comes from it.
+# ---- The local/distant rule, written once. Every mask and every index bound below comes from it.
 
 
 def first_local(i, window):
-    """Query i reads key j <= i in full dims when j >= first_local(i), as a latent when
-    j < first_local(i). i: a position (int) or a tensor of them; window None: all keys local."""
+    """Query i reads key j <= i in full dims if j >= first_local(i), else as a latent (i: int or tensor)."""
     return i - window + 1 if window is not None else i * 0
 
 
 def visible(q_pos, k_pos, window):
-    """(local, distant): masks (len(q_pos), len(k_pos)) of the keys each query reads in full dims
-    and of those it reads as latents."""
+    """(local, distant) masks (len(q_pos), len(k_pos)): keys read in full dims, keys read as latents."""
     i, j = q_pos[:, None], k_pos[None, :]
     start = first_local(i, window)
     return (j >= start) & (j <= i), j < start
 
 
-# ----------------------------------------------------------------------------------------------
-# Attention: q, k, v (B, H, T, d) after rotary. maps: (down_k, up_k, down_v, up_v) of shapes
+# ---- Attention: q, k, v (B, H, T, d) after rotary. maps: (down_k, up_k, down_v, up_v) of shapes
 # (H, d, r), (H, r, d), (H, d, r), (H, r, d), or None without latents. window: W, or None.
 
 
@@ -174,16 +159,14 @@ def sdpa_attention(q, k, v, window, maps):
     k_far, v_far = k @ down_k @ up_k, v @ down_v @ up_v
     if window == 0:  # uniform: every key is distant
         return F.scaled_dot_product_attention(q, k_far, v_far, is_causal=True)
-    # One softmax over 2T keys: the full-dim copy is visible inside the window, the rebuilt one
-    # outside it.
+    # One softmax over 2T keys: the full-dim copy is visible inside the window, the rebuilt one beyond.
     return F.scaled_dot_product_attention(
         q, torch.cat([k, k_far], dim=-2), torch.cat([v, v_far], dim=-2), attn_mask=torch.cat([local, far], -1))
 
 
 def decode_attention(q, view, up_k, up_v):
-    """One new token per sequence, q (B, H, 1, d), against what the KV cache holds (a CacheView that
-    already includes it): every key in view.k is in its window, every latent distant. The absorbed
-    form: the up maps meet the query and the weighted latent sum, never a cached token."""
+    """One new token q (B, H, 1, d) against the CacheView that holds it: every key in view.k is in its
+    window, every latent distant. Absorbed: the up maps meet q and the latent sum, never a token."""
     q = q.float() / math.sqrt(q.shape[-1])
     scores = q @ view.k.float().transpose(-2, -1)  # (B, H, 1, n_near): q . k_j
     if view.a is not None:
@@ -207,16 +190,13 @@ ATTENTION = {'naive': naive_attention, 'sdpa': sdpa_attention, 'fused': fused_at
 
 
 def resolve_attn_impl(config, T, device):
-    """The path 'auto' stands for, on this device at sequence length T (measured: docs/benchmarks.md)."""
+    """The path 'auto' stands for at length T: measured on CPU (docs/benchmarks.md), not yet on CUDA."""
     if config.attn_impl != 'auto':
         return config.attn_impl
-    if config.regime == 'full' or device.type != 'cpu':
-        return 'sdpa'  # full: PyTorch's causal kernel; CUDA: not measured yet
-    return 'fused' if T >= 1024 else 'sdpa'
+    return 'fused' if config.regime != 'full' and device.type == 'cpu' and T >= 1024 else 'sdpa'
 
 
-# ----------------------------------------------------------------------------------------------
-# The model
+# ---- The model
 
 
 def rotary_cos_sin(positions, rot_dim, base):
@@ -231,8 +211,7 @@ def apply_rotary(x, cos, sin):
     rot = cos.shape[-1]
     x_rot, x_pass = x[..., :rot], x[..., rot:]
     x1, x2 = x_rot.chunk(2, dim=-1)
-    rotated = torch.cat([-x2, x1], dim=-1)
-    return torch.cat([(x_rot * cos + rotated * sin).to(x.dtype), x_pass], dim=-1)
+    return torch.cat([(x_rot * cos + torch.cat([-x2, x1], dim=-1) * sin).to(x.dtype), x_pass], dim=-1)
 
 
 class DARAttention(nn.Module):
@@ -244,16 +223,13 @@ class DARAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         if config.has_latents:
             H, d, r = config.n_head, config.head_dim, config.dar_rank
-            self.down_k = nn.Parameter(torch.empty(H, d, r))
-            self.down_v = nn.Parameter(torch.empty(H, d, r))
+            self.down_k, self.down_v = nn.Parameter(torch.empty(H, d, r)), nn.Parameter(torch.empty(H, d, r))
             if config.dar_maps == 'free':
-                self.up_k = nn.Parameter(torch.empty(H, r, d))
-                self.up_v = nn.Parameter(torch.empty(H, r, d))
+                self.up_k, self.up_v = nn.Parameter(torch.empty(H, r, d)), nn.Parameter(torch.empty(H, r, d))
 
     def latent_maps(self):
-        """(down_k, up_k, down_v, up_v), or None without latents. 'tied' maps read a distant key
-        back as its projection onto the span of down_k (a subspace the training moves) rather than
-        through a second, free matrix."""
+        """(down_k, up_k, down_v, up_v), or None. 'tied': a distant key is read back as its projection
+        onto the span of down_k (which training moves), not through a second, free matrix."""
         if not self.config.has_latents:
             return None
         if self.config.dar_maps == 'tied':
@@ -273,9 +249,8 @@ class DARAttention(nn.Module):
         maps = self.latent_maps()
         if maps is not None:  # under autocast q, k, v are bf16 and the maps' parameters float32
             maps = tuple(m.to(q.dtype) for m in maps)
-        # The attention runs outside autocast, in the dtype autocast chose for q, k, v: its float32
-        # scores then stay float32, and the fused backward, which autograd runs outside any
-        # autocast, sees the dtypes its forward saw.
+        # Outside autocast, in the dtype it chose for q, k, v: float32 scores stay float32, and the fused
+        # backward (which autograd runs outside autocast) sees the dtypes its forward saw.
         with torch.autocast(x.device.type, enabled=False):
             if cache is None:
                 y = ATTENTION[resolve_attn_impl(self.config, T, x.device)](q, k, v, self.config.window, maps)
@@ -319,8 +294,7 @@ class Block(nn.Module):
 
 
 def init_latent_maps(down, up, directions=None):
-    """In place, per head: down (H, d, r) gets orthonormal columns (directions, or random ones), up
-    (None where tied) is down^T: a distant key starts as its projection onto an r-dim subspace."""
+    """down (H, d, r) := orthonormal columns (directions, or random), up := down^T (None: tied), in place."""
     with torch.no_grad():
         down.copy_(torch.linalg.qr(torch.randn(down.shape))[0] if directions is None else directions)
         if up is not None:
@@ -357,18 +331,14 @@ class GPT(nn.Module):
             nn.init.zeros_(module.bias)
 
     def get_num_params(self, non_embedding=True):
-        """Parameters; non_embedding leaves out the token embedding and the output layer, as
-        Pythia's published counts do."""
+        """non_embedding leaves out the token embedding and the output layer, as Pythia's counts do."""
         n = sum(p.numel() for p in self.parameters())
         if non_embedding:
-            n -= self.transformer.wte.weight.numel()
-            if not self.config.tie_embeddings:
-                n -= self.lm_head.weight.numel()
+            n -= self.transformer.wte.weight.numel() + (not self.config.tie_embeddings) * self.lm_head.weight.numel()
         return n
 
     def hidden_states(self, idx, cache=None):
-        """The final-layer-normed states (B, T, C) of idx (B, T); with a cache, idx continues its
-        sequence."""
+        """The final-layer-normed states (B, T, C) of idx (B, T), with a cache continuing its sequence."""
         T = idx.shape[1]
         if cache is None and T > self.config.block_size:
             raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}; "
@@ -377,15 +347,14 @@ class GPT(nn.Module):
         cos, sin = rotary_cos_sin(torch.arange(start, start + T, device=idx.device),
                                   self.rot_dim, self.config.rotary_base)
         x = self.transformer.drop(self.transformer.wte(idx))
+        ran = False
         try:
             for block in self.transformer.h:
                 x = block(x, cos, sin, cache)
-        except BaseException:
+            ran = True
+        finally:
             if cache is not None:
-                cache.abort()
-            raise
-        if cache is not None:
-            cache.commit()
+                cache.end_step(ran)
         return self.transformer.ln_f(x)
 
     def forward(self, idx, targets=None, cache=None):
@@ -396,8 +365,7 @@ class GPT(nn.Module):
         return logits, loss
 
     def param_groups(self):
-        """Parameter names of the optimizer's two groups, in its order: matrices (and the per-head
-        latent maps) decay; biases and norms do not."""
+        """Names of the optimizer's groups: matrices and latent maps decay, biases and norms do not."""
         named = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
         return [n for n, p in named if p.dim() >= 2], [n for n, p in named if p.dim() < 2]
 
@@ -413,37 +381,32 @@ class GPT(nn.Module):
         mean_keys = (T + 1) / 2
         full = mean_keys if cfg.window is None else min(mean_keys, cfg.window)
         latent = mean_keys - full if cfg.has_latents else 0.0
-        attended_dims = full * cfg.head_dim + latent * cfg.dar_rank
+        attended_dims = full * cfg.head_dim + latent * cfg.dar_rank  # per head, per query, in q . k and p . v
         return 6 * self.get_num_params(non_embedding=False) + 12 * cfg.n_layer * cfg.n_head * attended_dims
 
     def compute_dtype(self, device):
-        """The dtype the attention computes in, and so the one the KV cache holds: autocast's
-        where autocast is on for device, else the weights'."""
+        """The dtype the attention computes in, and the KV cache holds: autocast's, else the weights'."""
         device_type = torch.device(device).type
-        if device_type != 'meta' and torch.is_autocast_enabled(device_type):
-            return torch.get_autocast_dtype(device_type)
-        return self.transformer.wte.weight.dtype
+        autocast = device_type != 'meta' and torch.is_autocast_enabled(device_type)
+        return torch.get_autocast_dtype(device_type) if autocast else self.transformer.wte.weight.dtype
 
     def new_cache(self, batch_size, max_seq_len, device=None, dtype=None, static=False):
-        """A KV cache for batch_size sequences of up to max_seq_len tokens, by default on the
-        model's device and in its compute dtype (so call it under the autocast you decode with).
-        static: decode steps of one shape, for compiling them (KVCache)."""
+        """A KVCache, by default on the model's device in its compute dtype (call it under the autocast
+        you decode with). static: decode steps of one shape, to compile them."""
         device = self.transformer.wte.weight.device if device is None else device
-        return KVCache(self.config, batch_size, max_seq_len, device=device,
-                       dtype=self.compute_dtype(device) if dtype is None else dtype, static=static)
+        return KVCache(self.config, batch_size, max_seq_len, device, dtype or self.compute_dtype(device), static)
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_token=None):
-        """Prefill idx (B, T) once, then sample a token a step from the KV cache (temperature 0:
-        greedy). Rows that emitted eos_token repeat it; generation stops once all have."""
+        """Prefill idx (B, T), then sample a token a step from the KV cache (temperature 0: greedy).
+        Rows that emitted eos_token repeat it; generation stops once all have."""
         (B, T), x, done = idx.shape, idx, torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be at least 0, got {max_new_tokens}")
         check_sampling(temperature, top_k, top_p)  # now, not after the prefill
         if T + max_new_tokens > self.config.block_size:
             warnings.warn(f"{T} prompt + {max_new_tokens} new tokens go past the trained context (block_size "
-                          f"{self.config.block_size}): positions beyond it were never trained, expect worse text",
-                          stacklevel=2)
+                          f"{self.config.block_size}): expect worse text there", stacklevel=2)
         cache, out = self.new_cache(B, T + max_new_tokens, device=idx.device), [idx]
         for _ in range(max_new_tokens):
             x = sample_next(self.lm_head(self.hidden_states(x, cache)[:, -1]), temperature, top_k, top_p)[:, None]
@@ -456,34 +419,28 @@ class GPT(nn.Module):
         return torch.cat(out, dim=1)
 
 
-# ----------------------------------------------------------------------------------------------
-# KV cache
+# ---- KV cache
 
-# One step, planned once for every layer: new tokens at positions [start, start + n); ring_slots
-# take the last of them; older_slots (None: none) hold, in position order, the older tokens a chunk
-# (n > 1) reads in full dims; a decode step reads ring slots [0, held), latents [0, n_far) and
-# (static) adds mask to its scores.
+# A step, planned once for all layers: new tokens at [start, start + n), the last written to ring_slots;
+# older_slots (or None): older tokens a chunk reads in full dims, in position order; a decode step
+# reads ring slots [0, held), latents [0, n_far) and (static) adds mask to its scores.
 CacheStep = namedtuple('CacheStep', 'start n ring_slots older_slots held n_far mask')
-# What a layer reads: keys and values in full dims, latents (None without), and for a static decode
-# step a mask over [k | a] (0: written, -inf: not). A decode step's k is its window, in ring order;
-# a chunk's is in position order, ending with the chunk, and its attention masks by distance.
+# What a layer reads. A decode step's k is its window (ring order), mask 0 / -inf over [k | a] if static;
+# a chunk's k is in position order, ending with the chunk; its attention masks by distance.
 CacheView = namedtuple('CacheView', 'k v a b mask')
 
 
 class KVCache:
-    """Static DAR KV cache, preallocated and written by position. It only stores: `update` writes
-    a layer's new keys and values and hands back what that layer reads; the attention attends.
+    """Preallocated DAR KV cache. It only stores: `update` writes a layer's new keys and values and
+    hands back what that layer reads; the attention attends. Per layer: a ring of the last W keys and
+    values in full dims (B, H, W, d) and latents (a, b) (B, H, max_seq_len - W, r), stored transposed
+    (a decode step reads r-long rows), each computed when its token is written, so a ring slot can
+    be overwritten at any time. Full attention: a ring of max_seq_len; local-only: no latents.
 
-    Per layer: a ring of the last W keys/values in full dims (B, H, W, d), and latents (a, b)
-    (B, H, max_seq_len - W, r), stored transposed (a decode step then reads r-long rows). A token's
-    latent is computed when the token is written, so a ring slot can be overwritten at any time.
-    Full attention is the ring with W = max_seq_len; local-only has only the ring, uniform only latents.
-
-    A step is begin() (checks and plans), update() per layer, commit(). A decode step that raised
-    partway can be run again; a chunk that raised may have overwritten ring slots it reads, so the
-    cache then refuses input until reset(). static=True: a decode step reads every slot, masking
-    those not written yet: one shape at every step, so it compiles (CUDA graphs need this).
-    """
+    A step: begin() (checks, plans), update() per layer, end_step(). A decode step that raised can be run
+    again; a chunk that raised may have overwritten ring slots it reads, so the cache then refuses
+    input until reset(). static: a decode step reads every slot, masking unwritten ones, so each step
+    has one shape and compiles (CUDA graphs need this)."""
 
     prefill_block = 256  # query block of a chunk: scores are (B, H, block, context) at a time
 
@@ -496,8 +453,7 @@ class KVCache:
         self.step, self.broken = None, False
         layers, B, H, d, r = config.n_layer, batch_size, config.n_head, config.head_dim, config.dar_rank
         self.ring_size = max_seq_len if self.window is None else min(self.window, max_seq_len)
-        self.k = torch.zeros(layers, B, H, self.ring_size, d, device=device, dtype=dtype)
-        self.v = torch.zeros_like(self.k)
+        self.k, self.v = (torch.zeros(layers, B, H, self.ring_size, d, device=device, dtype=dtype) for _ in 'kv')
         self.a = self.b = None
         if config.has_latents and max_seq_len > self.window:
             shape = (layers, B, H, r, max_seq_len - self.window)
@@ -509,32 +465,25 @@ class KVCache:
     def reset(self):
         self.length, self.step, self.broken = 0, None, False  # stale entries are never read
 
-    def n_far(self, length):
-        """Latents the newest token reads when length tokens are cached."""
-        return 0 if self.a is None else min(self.a.shape[-2], max(0, first_local(length - 1, self.window)))
-
     def begin(self, idx, dtype):
-        """Checks the next chunk idx (B, n), of activations in dtype, and plans its step; returns its
-        start position. Nothing is written before every check has passed."""
+        """Checks the next chunk idx (B, n) (activations in dtype) and plans its step; returns its start."""
         (B, n), start, S = idx.shape, self.length, self.ring_size
+        same_device = (idx.device.type, idx.device.index or 0) == (self.device.type, self.device.index or 0)
         for bad, message in (
-                (self.broken, "an earlier chunk raised partway through and left this cache partly written; "
-                              "call cache.reset() and prefill again"),
-                (dtype != self.dtype, f"the model computes in {dtype} but the cache holds {self.dtype}; "
-                                      "create it with model.new_cache(..., dtype=...) (under the same autocast)"),
-                (B != self.batch_size, f"batch size {B} does not match the cache's {self.batch_size}; "
-                                       "create the cache with model.new_cache(batch_size=...)"),
-                ((idx.device.type, idx.device.index or 0) != (self.device.type, self.device.index or 0),
-                 f"input is on {idx.device} but the cache is on {self.device}; "
-                 "move one of them (model.new_cache(..., device=...))"),
+                (self.broken, "a chunk raised partway and left this cache half written: call cache.reset()"),
+                (dtype != self.dtype, f"the model computes in {dtype}, the cache holds {self.dtype}: make it with "
+                                      "model.new_cache(..., dtype=...) or under the autocast you decode with"),
+                (B != self.batch_size, f"batch size {B}, the cache's {self.batch_size}: new_cache(batch_size=...)"),
+                (not same_device, f"input is on {idx.device}, the cache is on {self.device}: move one of them"),
                 (start + n > self.max_seq_len, f"{start} cached + {n} new tokens exceed the cache's max_seq_len "
-                                               f"{self.max_seq_len}; create a larger cache or call cache.reset()")):
+                                               f"{self.max_seq_len}: make a larger cache, or cache.reset()")):
             if bad:
                 raise ValueError(message)
         slots = lambda lo, hi: torch.arange(lo, hi, device=self.device) % max(S, 1)
         n_older = 0 if n == 1 else min(start, S if self.window is None else max(0, self.window - 1))
         n_latents = 0 if self.a is None else self.a.shape[-2]
-        held, n_far, mask = min(start + n, S), self.n_far(start + n), None
+        n_far = min(n_latents, max(0, first_local(start + n - 1, self.window)))  # those the newest token reads
+        held, mask = min(start + n, S), None
         if self.static and n == 1:  # read every slot; mask what is not written yet
             slot = torch.arange(S + n_latents, device=self.device)
             written = torch.where(slot < S, slot < held, slot - S < n_far)
@@ -545,8 +494,7 @@ class KVCache:
         return start
 
     def update(self, layer, k, v, maps):
-        """Writes this step's keys and values (B, H, n, d) of one layer, and their latents through
-        the down maps; returns the layer's CacheView."""
+        """Writes a layer's new keys and values (B, H, n, d) and their latents; returns its CacheView."""
         st, ring_k, ring_v = self.step, self.k[layer], self.v[layer]
         new_k, new_v = k, v
         if st.older_slots is not None:  # gathered before the writes below can overwrite them
@@ -564,30 +512,25 @@ class KVCache:
             return CacheView(k, v, a, b, None)
         return CacheView(ring_k[:, :, :st.held], ring_v[:, :, :st.held], a, b, st.mask)
 
-    def commit(self):
-        self.length, self.step = self.length + self.step.n, None
-
-    def abort(self):
-        """A layer raised during the step: a chunk may have overwritten ring slots it reads."""
+    def end_step(self, ran):
+        """Keeps a step that ran; of one that raised, nothing (a chunk's overwritten ring breaks the cache)."""
         st, self.step = self.step, None
-        self.broken |= st is not None and st.older_slots is not None and st.start + st.n > self.ring_size
+        self.length += st.n * ran
+        self.broken |= not ran and st.older_slots is not None and st.start + st.n > self.ring_size
 
 
-# ----------------------------------------------------------------------------------------------
-# The fused path: blockwise, one online softmax, a flash-style backward. No T x T matrix.
+# ---- The fused path: blockwise, one online softmax, a flash-style backward. No T x T matrix.
 
 FUSED_BLOCK = 128  # queries per block: scores are (B, H, 128, keys) at a time (docs/benchmarks.md)
 
-# A query block (queries: a slice of the new tokens) reads the keys k[band] in full dims and the
-# latents [0, n_far), distant to all its queries before far_mask_from; masks (True: not read) of the
-# band and of latents [far_mask_from, n_far), None where nothing is masked.
+# A query block reads k[band] in full dims and latents [0, n_far), those before far_mask_from distant
+# to all its queries; band_mask and far_mask (True: not read; None: nothing) cover the rest.
 QueryBlock = namedtuple('QueryBlock', 'queries band n_far far_mask_from band_mask far_mask')
 
 
 def query_blocks(n, n_before, q_start, window, block, device):
-    """The QueryBlocks of n new tokens at positions q_start + arange(n) whose keys in full dims are
-    the n_before tokens before them and themselves. As in flash attention only the diagonal tiles
-    need a mask: the band's and the edge of the latents; a single query needs none."""
+    """QueryBlocks of n queries at q_start + arange(n), their keys in full dims the n_before tokens
+    before them, then themselves. As in flash attention only the diagonal tiles need a mask."""
     k_start = q_start - n_before  # the position of key 0
     for s in range(0, n, block):
         e = min(s + block, n)
@@ -605,8 +548,7 @@ def query_blocks(n, n_before, q_start, window, block, device):
 
 
 def masked_scores(q, keys, mask, mask_from=0):
-    """Float scores q . keys, -inf where mask (of the key columns mask_from onwards) is True. The
-    product runs in float32: a bf16 matmul would round every score before the softmax sees it."""
+    """q . keys in float32 (bf16 would round them), -inf where mask (of columns mask_from on) is True."""
     s = q.float() @ keys.float().transpose(-2, -1)
     if mask is not None:
         s[..., mask_from:].masked_fill_(mask, float('-inf'))
@@ -614,55 +556,53 @@ def masked_scores(q, keys, mask, mask_from=0):
 
 
 def dar_forward(q, k, v, a, b, up_k, up_v, window, block, q_start=0):
-    """Blockwise exact DAR attention with one online softmax.
-
-    q:     the new tokens (B, H, n, d) at positions q_start + arange(n).
-    k, v:  (B, H, n_before + n, d) in full dims: the n_before tokens before the new ones (in the KV
-           cache, the older tokens of their window; in training, none), then the new ones.
-    a, b:  latents (B, H, >= n_far, r) of the positions that are distant to some query, or None.
-    Returns (out, lse) with lse the log-sum-exp per query, in float32.
-    """
-    n, scale = q.shape[-2], 1.0 / math.sqrt(q.shape[-1])
-    q = q * scale
-    out = torch.empty_like(q)
-    lse = q.new_empty(q.shape[:-1], dtype=torch.float32)
-    for qb_ in query_blocks(n, k.shape[-2] - n, q_start, window, block, q.device):
-        qb = q[..., qb_.queries, :]
+    """Exact DAR attention of q (B, H, n, d) at positions q_start + arange(n), blockwise, with one
+    online softmax. k, v (B, H, n_before + n, d): the tokens before q that it reads in full dims (in
+    training none), then its own; a, b (B, H, >= n_far, r): latents, or None. Returns (out, float32 lse)."""
+    n, q = q.shape[-2], q * (1.0 / math.sqrt(q.shape[-1]))
+    out, lse = torch.empty_like(q), q.new_empty(q.shape[:-1], dtype=torch.float32)
+    for blk in query_blocks(n, k.shape[-2] - n, q_start, window, block, q.device):
+        qb, far = q[..., blk.queries, :], slice(0, blk.n_far)
         pieces = []  # (scores, values) of the keys read in full dims, then of the latents
         if window != 0:
-            pieces.append((masked_scores(qb, k[..., qb_.band, :], qb_.band_mask), v[..., qb_.band, :]))
-        latent = a is not None and qb_.n_far > 0
-        if latent:
-            pieces.append((masked_scores(qb @ up_k.transpose(-2, -1), a[..., :qb_.n_far, :], qb_.far_mask,
-                                         qb_.far_mask_from), b[..., :qb_.n_far, :]))
+            pieces.append((masked_scores(qb, k[..., blk.band, :], blk.band_mask), v[..., blk.band, :]))
+        latent = a is not None and blk.n_far > 0
+        if latent:  # (q U^T) . a_j
+            pieces.append((masked_scores(qb @ up_k.transpose(-2, -1), a[..., far, :], blk.far_mask, blk.far_mask_from),
+                           b[..., far, :]))
         # The max over all pieces is finite: every query sees itself, in the band or as a latent.
         m = torch.stack([sc.amax(-1) for sc, _ in pieces]).amax(0)[..., None]
         total = sum(sc.sub_(m).exp_().sum(-1, keepdim=True) for sc, _ in pieces)  # scores -> p
         acc = sum((p.to(val.dtype) @ val).float() for p, val in pieces[:len(pieces) - latent])
         if latent:
             p, val = pieces[-1]
-            acc = acc + ((p.to(val.dtype) @ val) @ up_v).float()
-        out[..., qb_.queries, :] = (acc / total).to(q.dtype)
-        lse[..., qb_.queries] = (m + total.log()).squeeze(-1)
+            acc = acc + ((p.to(val.dtype) @ val) @ up_v).float()  # (sum_j p_j b_j) V
+        out[..., blk.queries, :] = (acc / total).to(q.dtype)
+        lse[..., blk.queries] = (m + total.log()).squeeze(-1)
     return out, lse
 
 
-class FusedDARAttention(torch.autograd.Function):
-    """dar_forward with a flash-style backward. Only q, k, v, out and the log-sum-exp are saved:
-    each block's probabilities, and the latents themselves, are recomputed in backward, so
-    memory grows linearly in T and holds nothing full attention does not."""
+def latents(k, v, down_k, down_v, window):
+    """(a, b) of the positions [0, n_far) the last query of k sees as distant, and n_far."""
+    n_far = 0 if down_k is None else max(0, first_local(k.shape[-2] - 1, window))
+    return (k[..., :n_far, :] @ down_k, v[..., :n_far, :] @ down_v, n_far) if n_far else (None, None, 0)
 
-    @staticmethod
-    def _latents(k, v, down_k, down_v, window):
-        """Latents (a, b, n_far) of the positions [0, n_far) that the last query sees as distant."""
-        n_far = 0 if down_k is None else max(0, first_local(k.shape[-2] - 1, window))
-        if not n_far:
-            return None, None, 0
-        return k[..., :n_far, :] @ down_k, v[..., :n_far, :] @ down_v, n_far
+
+def piece_backward(q, keys, values, dout, mask, mask_from, lse, delta):
+    """(p, dvalues, dq, dkeys) of one piece of the softmax (the band, or the latents), p recomputed."""
+    p = masked_scores(q, keys, mask, mask_from).sub_(lse).exp_()
+    dvalues = p.to(values.dtype).transpose(-2, -1) @ dout
+    ds = p.mul((dout @ values.transpose(-2, -1)).float().sub_(delta)).to(q.dtype)
+    return p.to(values.dtype), dvalues, ds @ keys, ds.transpose(-2, -1) @ q
+
+
+class FusedDARAttention(torch.autograd.Function):
+    """dar_forward with a flash-style backward: it saves q, k, v, out and the log-sum-exp and recomputes
+    probabilities and latents per block, so memory grows linearly in T, as full attention's does."""
 
     @staticmethod
     def forward(ctx, q, k, v, down_k, up_k, down_v, up_v, window, block):
-        a, b, _ = FusedDARAttention._latents(k, v, down_k, down_v, window)
+        a, b, _ = latents(k, v, down_k, down_v, window)
         out, lse = dar_forward(q, k, v, a, b, up_k, up_v, window, block)
         ctx.save_for_backward(q, k, v, down_k, up_k, down_v, up_v, out, lse)
         ctx.window, ctx.block = window, block
@@ -671,39 +611,31 @@ class FusedDARAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         q, k, v, down_k, up_k, down_v, up_v, out, lse = ctx.saved_tensors
-        window, block = ctx.window, ctx.block
-        a, b, n_far = FusedDARAttention._latents(k, v, down_k, down_v, window)
-        n, scale = q.shape[-2], 1.0 / math.sqrt(q.shape[-1])
+        window, scale = ctx.window, 1.0 / math.sqrt(q.shape[-1])
+        a, b, n_far = latents(k, v, down_k, down_v, window)
         qs = q * scale
         f32_zeros = lambda t: None if t is None else torch.zeros_like(t, dtype=torch.float32)
         dq, dk, dv, da, db, dup_k, dup_v = map(f32_zeros, (q, k, v, a, b, up_k, up_v))
         delta = (dout.float() * out.float()).sum(-1, keepdim=True)  # rowsum(dO * O)
-        for qb_ in query_blocks(n, 0, 0, window, block, q.device):
-            rows, band = qb_.queries, qb_.band
-            qb, dob = qs[..., rows, :], dout[..., rows, :]
-            lse_b, delta_b = lse[..., rows, None], delta[..., rows, :]
+        for blk in query_blocks(q.shape[-2], 0, 0, window, ctx.block, q.device):
+            rows, band, far = blk.queries, blk.band, slice(0, blk.n_far)
+            qb, dob, lse_b, delta_b = qs[..., rows, :], dout[..., rows, :], lse[..., rows, None], delta[..., rows, :]
             dqb = 0  # gradient of the scaled query block
             if window != 0:
-                kb, vb = k[..., band, :], v[..., band, :]
-                p = masked_scores(qb, kb, qb_.band_mask).sub_(lse_b).exp_()
-                dv[..., band, :] += p.to(dob.dtype).transpose(-2, -1) @ dob
-                ds = p.mul_((dob @ vb.transpose(-2, -1)).float().sub_(delta_b)).to(q.dtype)
-                dqb = dqb + (ds @ kb).float()
-                dk[..., band, :] += ds.transpose(-2, -1) @ qb
-            if a is not None and qb_.n_far:
-                far = slice(0, qb_.n_far)
-                ab, bb = a[..., far, :], b[..., far, :]
-                qa = qb @ up_k.transpose(-2, -1)
-                p = masked_scores(qa, ab, qb_.far_mask, qb_.far_mask_from).sub_(lse_b).exp_()
-                pl = p.to(bb.dtype)
-                dup_v += ((pl @ bb).transpose(-2, -1) @ dob).float().sum(0)
-                dlat = dob @ up_v.transpose(-2, -1)  # gradient of the weighted latent sum
-                db[..., far, :] += pl.transpose(-2, -1) @ dlat
-                ds = p.mul_((dlat @ bb.transpose(-2, -1)).float().sub_(delta_b)).to(q.dtype)
-                dqa = ds @ ab
-                da[..., far, :] += ds.transpose(-2, -1) @ qa
-                dqb = dqb + (dqa @ up_k).float()
+                _, dvb, dq_band, dkb = piece_backward(qb, k[..., band, :], v[..., band, :], dob, blk.band_mask, 0,
+                                                      lse_b, delta_b)
+                dv[..., band, :] += dvb
+                dk[..., band, :] += dkb
+                dqb = dqb + dq_band.float()
+            if a is not None and blk.n_far:
+                qa, dlat = qb @ up_k.transpose(-2, -1), dob @ up_v.transpose(-2, -1)  # q U^T; d(latent sum)
+                p, dbb, dqa, dab = piece_backward(qa, a[..., far, :], b[..., far, :], dlat, blk.far_mask,
+                                                  blk.far_mask_from, lse_b, delta_b)
+                db[..., far, :] += dbb
+                da[..., far, :] += dab
+                dup_v += ((p @ b[..., far, :]).transpose(-2, -1) @ dob).float().sum(0)
                 dup_k += (dqa.transpose(-2, -1) @ qb).float().sum(0)
+                dqb = dqb + (dqa @ up_k).float()
             dq[..., rows, :] = dqb * scale
         ddown_k = ddown_v = None
         if a is not None:  # through a = k A and b = v C

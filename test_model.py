@@ -11,6 +11,7 @@ import torch
 import cpu_matvec
 import model
 import sampling
+from conftest import run
 from model import GPT, GPTConfig, KVCache
 
 W = 16  # window of the small test models
@@ -484,22 +485,12 @@ def test_cache_errors_are_clear():
 # Scripts run end to end (tiny settings; the real figures come from running them by hand)
 
 
-def run_script(script, *args):
-    import os
-    import subprocess
-    import sys
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), script)
-    res = subprocess.run([sys.executable, path, *args], capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-3000:]
-    return res.stdout
-
-
 def test_bench_runs_and_writes_results(tmp_path):
     import json
-    run_script('bench.py', '--preset=tiny', '--dar_window=16', '--dar_rank=8', '--train_seq_lens=[40]',
-               '--train_repeats=1', '--decode_contexts=[24,48]', '--decode_steps=2', '--decode_repeats=1',
-               '--prefill_repeats=1', '--decode_batches=[1,2]', '--kv_budget_gib=0.001', '--budget_context=48',
-               f'--out_dir={tmp_path}')
+    run('bench.py', '--preset=tiny', '--dar_window=16', '--dar_rank=8', '--train_seq_lens=[40]',
+        '--train_repeats=1', '--decode_contexts=[24,48]', '--decode_steps=2', '--decode_repeats=1',
+        '--prefill_repeats=1', '--decode_batches=[1,2]', '--kv_budget_gib=0.001', '--budget_context=48',
+        f'--out_dir={tmp_path}')
     train = json.loads((tmp_path / 'train_cpu.json').read_text())
     assert {r['case'] for r in train['rows']} == {'full (sdpa)', 'DAR (sdpa)', 'DAR (fused)', 'uniform (auto)'}
     assert all(r['seconds'] > 0 and r['peak_bytes'] > 0 for r in train['rows'])
@@ -513,7 +504,7 @@ def test_bench_runs_and_writes_results(tmp_path):
 
 
 def test_sample_from_random_preset():
-    out = run_script('sample.py', '--init_from=tiny', '--dar_window=8', '--max_new_tokens=5', '--num_samples=1')
+    out = run('sample.py', '--init_from=tiny', '--dar_window=8', '--max_new_tokens=5', '--num_samples=1').stdout
     assert 'tokens/s' in out
 
 
@@ -524,9 +515,5 @@ def test_sample_from_random_preset():
     (['--start=FILE:/nonexistent/prompt.txt'], 'FILE:/nonexistent/prompt.txt: cannot read the prompt'),
 ])
 def test_sample_bad_settings_are_named(args, message):
-    import os
-    import subprocess
-    import sys
-    res = subprocess.run([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), 'sample.py'),
-                          '--init_from=tiny', '--max_new_tokens=2', *args], capture_output=True, text=True, timeout=300)
-    assert res.returncode != 0 and message in res.stderr and 'Traceback' not in res.stderr
+    proc = run('sample.py', '--init_from=tiny', '--max_new_tokens=2', *args, check=False)
+    assert proc.returncode != 0 and message in proc.stderr and 'Traceback' not in proc.stderr

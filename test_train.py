@@ -1,7 +1,6 @@
 """Tests of prepare.py, train.py and compare.py: data preparation, training, exact resume, DDP, bad input."""
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -15,26 +14,14 @@ import model
 import prepare
 from configurator import configure
 from data import Dataset
+from conftest import ROOT, run
 from model import GPT, GPTConfig
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
 # a 1-layer model on 32-token contexts, with a window of 8 so the DAR path is what trains
 MODEL = ['--n_layer=1', '--n_head=2', '--n_embd=32', '--batch_size=4', '--gradient_accumulation_steps=2',
          '--eval_iters=2', '--log_interval=1', '--warmup_iters=2', '--learning_rate=3e-3', '--device=cpu',
          '--dtype=float32']
 TINY = [*MODEL, '--block_size=32', '--dar_window=8']
-
-
-def run(script, *args, cwd, nproc=1, check=True):
-    launcher = [] if nproc == 1 else ['-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}']
-    # one thread per process: these models are too small to gain from more, and two threads per
-    # process slow to a crawl when something else keeps the cores busy
-    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
-    proc = subprocess.run([sys.executable, *launcher, os.path.join(ROOT, script), *map(str, args)],
-                          cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
-    if check and proc.returncode:
-        pytest.fail(f"{script} {' '.join(map(str, args))} failed:\n{proc.stdout}\n{proc.stderr}")
-    return proc
 
 
 def read_tokens(out_dir, split, meta):
