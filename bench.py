@@ -21,14 +21,14 @@ import time
 
 import torch
 
-from configurator import configure
+from configurator import check_device, configure
 from cpu_matvec import use_matvec
 from model import GPT, GPTConfig, regime_settings
 
 section = 'all'  # 'train', 'decode' or 'all'
 preset = 'pythia-70m'
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
-dtype = 'bfloat16' if device == 'cuda' else 'float32'
+dtype = ''  # '': bfloat16 on CUDA, float32 on CPU
 dar_window = 256
 dar_rank = 16  # d / 4 at head dim 64
 train_seq_lens = [1024, 4096, 8192]
@@ -39,10 +39,10 @@ decode_steps = 32  # tokens per timed decode run
 decode_repeats = 5
 decode_compile = False  # torch.compile the decode step's attention on a static cache; off: it did not pay on CPU
 kv_budget_gib = 4.0  # the budget rows: the largest batch whose KV cache fits in this many GiB...
-budget_context = 32768  # ... at this context, full vs DAR
+budget_context = 0  # ... at this context, full vs DAR (0: the largest of decode_contexts)
 prefill_repeats = 3
-prefill_max_context = 4096 if device == 'cpu' else 32768  # prefill is quadratic: minutes a run past this on CPU
-out_dir = 'results'
+prefill_max_context = 0  # 0: 4096 on CPU (prefill is quadratic: minutes a run past it there), 32768 on CUDA
+out_dir = 'out-bench'  # the committed figures in results/ are written only when asked: --out_dir=results
 case = ''  # internal: one training case, run in a child process so its peak memory is its own
 seq_len = 0  # internal, with case
 measure = 'time'  # internal, with case: 'time' or 'memory'
@@ -50,6 +50,25 @@ measure = 'time'  # internal, with case: 'time' or 'memory'
 config = {k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, str, list))}
 configure(config, sys.argv[1:])
 globals().update(config)
+# defaults that depend on the device, resolved from the device asked for
+dtype = config['dtype'] = dtype or ('bfloat16' if device.startswith('cuda') else 'float32')
+prefill_max_context = prefill_max_context or (4096 if device == 'cpu' else 32768)
+check_device(device, dtype)
+budget_context = budget_context or max(decode_contexts)
+for name, values in (('train_seq_lens', train_seq_lens), ('decode_contexts', decode_contexts),
+                     ('decode_batches', decode_batches)):
+    if not values or not all(isinstance(v, int) and v >= 1 for v in values):
+        raise SystemExit(f"{name} must be a list of integers >= 1, got {values}")
+for name, value in (('train_repeats', train_repeats), ('decode_steps', decode_steps), ('budget_context', budget_context),
+                    ('decode_repeats', decode_repeats), ('prefill_repeats', prefill_repeats)):
+    if value < 1:
+        raise SystemExit(f"{name} must be at least 1, got {value}")
+if section not in ('train', 'decode', 'all'):
+    raise SystemExit(f"section must be 'train', 'decode' or 'all', got '{section}'")
+try:
+    GPTConfig.from_preset(preset, dar_window=dar_window, dar_rank=dar_rank)
+except ValueError as e:
+    raise SystemExit(f"model settings: {e}") from None
 
 regime = functools.partial(regime_settings, window=dar_window, rank=dar_rank)  # -> (dar_window, dar_rank)
 # name: (dar_window, dar_rank, attn_impl)
@@ -64,7 +83,7 @@ DECODE_CASES = {'full': regime('full'), 'DAR': regime('dar'), 'uniform': regime(
 
 
 def sync():
-    if device == 'cuda':
+    if device.startswith('cuda'):
         torch.cuda.synchronize()
 
 
@@ -92,7 +111,7 @@ def build(window, rank, impl='auto', block_size=None):
 
 
 def machine():
-    if device == 'cuda':
+    if device.startswith('cuda'):
         return torch.cuda.get_device_name()
     return f"{os.cpu_count()}-core CPU ({torch.get_num_threads()} torch threads), torch {torch.__version__}"
 
@@ -142,7 +161,7 @@ def run_train_case():
         return
     step()  # warm-up outside the memory mark
     model.zero_grad(set_to_none=True)
-    if device == 'cuda':
+    if device.startswith('cuda'):
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
         step()

@@ -112,6 +112,9 @@ if __name__ == '__main__':
     if init_from == 'resume':
         raise SystemExit("compare.py continues unfinished runs by itself: leave init_from out (or give the model to "
                          "retrofit: --init_from=<ckpt.pt or GPT-NeoX model>)")
+    if window_list and isinstance(train_settings.get('block_size'), int) and max(window_list) >= train_settings['block_size']:
+        raise SystemExit(f"dar_windows must be below block_size ({train_settings['block_size']}): a window that "
+                         f"long is full attention")
     retrofit = init_from != 'scratch'
     settings_grid = regime_grid(regime_names, window_list, rank_list)
     # a retrofit also runs dar with random latent maps: what the calibration is worth
@@ -134,10 +137,12 @@ def settings_of(run):
 
 
 def check_reuse(run, settings):
-    """A run directory is continued only if it was started with exactly these settings."""
+    """A run directory is continued only if it was started with exactly these settings; one that holds
+    no checkpoint has nothing to continue (e.g. a run whose settings train.py refused), so it is free."""
     path = os.path.join(run_dir(run), 'settings.json')
-    if not os.path.exists(path):
-        if os.path.exists(os.path.join(run_dir(run), 'ckpt.pt')):
+    trained = os.path.exists(os.path.join(run_dir(run), 'ckpt.pt'))
+    if not os.path.exists(path) or not trained:
+        if trained:
             raise SystemExit(f"{run_dir(run)} holds a checkpoint but no settings.json, so its settings are unknown; "
                              "use another --out_dir, or delete that directory to train it again")
         return
@@ -242,6 +247,22 @@ def steps_to_control(run, control, tolerance=0.01, floor=1e-3):
     return ok[0] if ok else None
 
 
+BIND_ACCURACY = 0.95  # a recall run binds keys to values when its test accuracy reaches this
+BIND_LOSS = 0.2  # ... and it has bound by the first eval whose answer loss is under this (shortcut: ~0.8)
+
+
+def wilson(k, n, z=1.96):
+    """The 95% Wilson score interval of a rate of k in n."""
+    p, z2 = k / n, z * z
+    centre, half = (p + z2 / (2 * n)) / (1 + z2 / n), z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def steps_to_bind(run):
+    """The first eval step with val loss under BIND_LOSS, None if none."""
+    return next((it for it, loss in run['curve'] if loss < BIND_LOSS), None)
+
+
 def summarize_setting(rs, full_by_seed):
     """Mean and spread over the seeds of one setting (rs: its runs)."""
     first = rs[0]
@@ -264,6 +285,11 @@ def summarize_setting(rs, full_by_seed):
         s['recall_accuracy'] = mean_spread([r['recall_accuracy'] for r in rs])
         s['recall_accuracy_by_distance'] = {b: mean_spread([r['recall_accuracy_by_distance'].get(b) for r in rs])
                                             for b in first['recall_accuracy_by_distance']}
+        bound = sum(r['recall_accuracy'] >= BIND_ACCURACY for r in rs)
+        s['binding'] = {'bound': bound, 'seeds': len(rs), 'interval': wilson(bound, len(rs)),
+                        'steps_to_bind': [steps_to_bind(r) for r in rs]}
+    if 'copy_loss_drop' in first:
+        s['copy_loss_drop'] = mean_spread([r['copy_loss_drop'] for r in rs])
     return s
 
 
@@ -290,14 +316,24 @@ def write_report(results):
         lines.append(f"Every run starts from {init_from}; 'within 1%': the first eval step at which a run's val loss "
                      f"is within 1% (or 0.001) of full attention's at that step, per seed ('never': not within "
                      f"{first['iters']} steps).")
+    copy = 'copy_loss_drop' in first
+    binding = recall and len(seed_list) >= 3
     if recall:
         lines.append(f"Recall accuracy on {first['recall_answers']} test answers; chance "
                      f"{first['recall_chance']:.3f}, shortcut without binding keys to values {first['recall_shortcut']:.3f}.")
+    if binding:
+        lines.append(f"binds: seeds whose test accuracy reaches {BIND_ACCURACY}, with the 95% Wilson interval of the "
+                     f"rate; steps to bind: per seed, the first eval with val loss under {BIND_LOSS} ('-': never).")
+    if copy:
+        lines.append(f"copy drop: loss on the first minus the second copy of {first['copy_length']}-token validation "
+                     "passages each followed by itself (positive: the model copies from that far back).")
     buckets = list(first.get('recall_accuracy_by_distance', {}))
     header = ["regime", "window W", "rank r"] + (["latent maps", "val loss at step 0"] if retrofit else [])
     header += ["val loss", "minus full (same seed)"] + (["within 1% at step"] if retrofit else []) + ["long-ctx gain"]
+    header += ["copy drop"] if copy else []
     if recall:
         header += ["recall acc"] + [f"acc @ dist {b}" for b in buckets]
+    header += ["binds", "95% interval", "steps to bind"] if binding else []
     header += ["tokens/s", "KV bytes/token", "KV vs full", "params"]
     lines += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, s in summary.items():
@@ -310,8 +346,14 @@ def write_report(results):
         if retrofit:
             row.append(', '.join('never' if it is None else str(it) for it in s['steps_to_within_1pct']))
         row.append(fmt(s['long_context_gain'], 4))
+        if copy:
+            row.append(fmt(s['copy_loss_drop'], 4))
         if recall:
             row += [fmt(s['recall_accuracy'], 3)] + [fmt(s['recall_accuracy_by_distance'][b], 3) for b in buckets]
+        if binding:
+            b = s['binding']
+            row += [f"{b['bound']}/{b['seeds']}", f"{b['interval'][0]:.2f}-{b['interval'][1]:.2f}",
+                    ', '.join('-' if it is None else str(it) for it in b['steps_to_bind'])]
         speed = s['tokens_per_sec']
         row += [f"{speed[0]:,.0f}" if speed else '-', f"{s['kv_bytes_per_token']:,.0f}",
                 f"{s['kv_bytes_per_token'] / full_kv:.2f}" if full_kv else '-', f"{s['params']:,}"]
@@ -327,8 +369,11 @@ def write_report(results):
          for name, s in summary.items()},
         reference_window, os.path.join(out_dir, 'loss_by_position.png'),
         'loss by position' + (' (mean, band: min-max over seeds)' if len(seed_list) > 1 else ''))
-    plot_memory_quality(summary, first)
-    print(f"wrote {out_dir}/results.json, results.md, val_loss.png, loss_by_position.png, memory_quality.png")
+    plot_memory_quality(summary, results)
+    if copy:
+        plot_copy(summary, results)
+    print(f"wrote {out_dir}/results.json, results.md, val_loss.png, loss_by_position.png, memory_quality.png"
+          + (", copy_test.png" if copy else ""))
 
 
 def plot_curves(results, names):
@@ -367,11 +412,13 @@ def plot_curves(results, names):
     plt.close(fig)
 
 
-def plot_memory_quality(summary, first):
-    """KV-cache bytes per token against quality: every setting a point, error bar = std over seeds."""
+def plot_memory_quality(summary, results):
+    """KV-cache bytes per token against quality: the mean of every setting (error bar: std over seeds),
+    and every seed a small point beside it."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
+    first = results[0]
     metric = 'recall_accuracy' if 'recall_accuracy' in first else 'val_loss'
     fig, ax = plt.subplots(figsize=(7, 4.5))
     markers = {'full': 's', 'dar': 'o', 'uniform': '^', 'local': 'v'}
@@ -382,7 +429,9 @@ def plot_memory_quality(summary, first):
         xs = [s['kv_bytes_per_token'] for _, s in points]
         ys = [s[metric][0] for _, s in points]
         errs = [s[metric][1] or 0 for _, s in points]
-        ax.errorbar(xs, ys, yerr=errs, fmt=markers[regime], capsize=3, label=regime)
+        line = ax.errorbar(xs, ys, yerr=errs, fmt=markers[regime], capsize=3, label=regime)[0]
+        seeds = [(s['kv_bytes_per_token'] * 1.06, r[metric]) for name, s in points for r in results if r['name'] == name]
+        ax.scatter(*zip(*seeds), s=9, marker=markers[regime], color=line.get_color(), alpha=0.5)
         for (name, _), x, y in zip(points, xs, ys):
             ax.annotate(name.partition('-')[2], (x, y), textcoords='offset points', xytext=(4, 4), fontsize=7)
     if metric == 'recall_accuracy':
@@ -393,11 +442,33 @@ def plot_memory_quality(summary, first):
     ax.set_xscale('log')
     ax.set_xlabel('KV-cache bytes per token at the training context (log scale)')
     ax.set_ylabel('recall accuracy (test)' if metric == 'recall_accuracy' else 'final validation loss')
-    ax.set_title('memory against quality (mean ± std over seeds)', fontsize=10)
+    ax.set_title('memory against quality (mean ± std over seeds; small: each seed)', fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(os.path.join(out_dir, 'memory_quality.png'), dpi=120)
+    plt.close(fig)
+
+
+def plot_copy(summary, results):
+    """The copy test of every setting: its mean loss drop, and every seed a point."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    names = list(summary)
+    fig, ax = plt.subplots(figsize=(max(5, 0.8 * len(names) + 2), 3.5))
+    ax.bar(range(len(names)), [summary[n]['copy_loss_drop'][0] for n in names], color='lightsteelblue')
+    for i, name in enumerate(names):
+        drops = [r['copy_loss_drop'] for r in results if r['name'] == name]
+        ax.scatter([i] * len(drops), drops, color='black', s=10, zorder=3)
+    ax.axhline(0, color='gray', linewidth=0.8)
+    ax.set_xticks(range(len(names)), names, rotation=30, ha='right', fontsize=8)
+    ax.set_ylabel('loss on copy 1 - loss on copy 2')
+    ax.set_title(f"copy test: {results[0]['copy_length']}-token passages, each followed by itself "
+                 "(bar: mean, dots: seeds)", fontsize=9)
+    ax.grid(alpha=0.3, axis='y')
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, 'copy_test.png'), dpi=120)
     plt.close(fig)
 
 

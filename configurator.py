@@ -69,3 +69,21 @@ def check_type(key, value, default, source):
     if not ok:
         raise SystemExit(f"{source}: {key} must be {expected}, got {value!r}")
     return value
+
+
+DTYPES = ('float32', 'bfloat16')
+
+
+def check_device(device, dtype='float32'):
+    """The device and dtype settings every script checks alike, before it creates or writes anything:
+    device cpu, cuda or cuda:N (present on this machine), dtype one of DTYPES."""
+    import torch  # here only: configure() itself needs no torch
+    kind, colon, index = device.partition(':')
+    if kind not in ('cpu', 'cuda') or (colon and (kind == 'cpu' or not index.isdigit())):
+        raise SystemExit(f"device must be cpu, cuda or cuda:N, got '{device}'")
+    if kind == 'cuda' and not torch.cuda.is_available():
+        raise SystemExit(f"device '{device}' asked for, but no CUDA device is available; use --device=cpu")
+    if index and int(index) >= torch.cuda.device_count():
+        raise SystemExit(f"device '{device}': this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if dtype not in DTYPES:
+        raise SystemExit(f"dtype must be one of {', '.join(DTYPES)}, got '{dtype}'")

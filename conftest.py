@@ -11,9 +11,9 @@ import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-# Scripts that run in this process (no interpreter start and torch import, ~3 s each): the ones
-# that start no process of their own. compare.py and bench.py do, and DDP needs torchrun.
-IN_PROCESS = ('train.py', 'evaluate.py', 'sample.py')
+# Scripts that run in this process (no interpreter start and torch import, ~3 s each). compare.py
+# runs train.py in processes of its own, with its progress bar, and DDP needs torchrun.
+IN_PROCESS = ('train.py', 'evaluate.py', 'sample.py', 'bench.py')
 
 
 def run_in_process(script, args, cwd):

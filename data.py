@@ -40,11 +40,20 @@ class Dataset:
                                  f"into place, but it is complete in {new}; finish the move with "
                                  f"mv '{new}' '{data_dir}', or run prepare.py again")
             raise SystemExit(f"{meta_path} not found: prepare the dataset first (python prepare.py; see its --help)")
-        with open(meta_path, encoding='utf-8') as f:
-            self.meta = json.load(f)
+        try:
+            with open(meta_path, encoding='utf-8') as f:
+                self.meta = json.load(f)
+            self.meta['dtype'], self.meta['vocab_size']  # what every reader needs
+        except (ValueError, KeyError, TypeError) as e:
+            raise SystemExit(f"{meta_path} is damaged ({e.__class__.__name__}: {e}); run prepare.py again to rebuild "
+                             f"{data_dir}") from None
         self.format = self.meta.get('format', 'stream')
         self.example_length = self.meta.get('example_length')
         self.check_sizes()
+        # The files are opened once, now: prepare.py replaces a dataset by renaming a new directory into
+        # place, so a job keeps reading the data it started with however often it is prepared again.
+        self.files = {name: open(os.path.join(data_dir, name), 'rb') for name in sorted(os.listdir(data_dir))
+                      if name.endswith('.bin')}
 
     @property
     def vocab_size(self):
@@ -56,10 +65,10 @@ class Dataset:
 
     def tokens(self, split):
         # a fresh memmap per batch: a long-lived one keeps every page read in memory (nanoGPT)
-        return np.memmap(os.path.join(self.dir, f'{split}.bin'), dtype=self.meta['dtype'], mode='r')
+        return np.memmap(self.files[f'{split}.bin'], dtype=self.meta['dtype'], mode='r')
 
     def _mask(self, split):
-        return np.memmap(os.path.join(self.dir, f'{split}.mask.bin'), dtype=np.uint8, mode='r')
+        return np.memmap(self.files[f'{split}.mask.bin'], dtype=np.uint8, mode='r')
 
     def check_sizes(self):
         """Every split's files hold the tokens meta.json records: a cut-off file, or one left from

@@ -9,6 +9,11 @@ every run of a dataset):
   validation sequences. A model that uses tokens more than W back keeps improving past W.
 - long-context gain: mean loss at positions >= 4W minus mean loss at positions < W (negative:
   the model gains from long context). W is the run's window unless --window is given.
+- copy test (token streams): n_sequences fixed validation passages of copy_length tokens (default
+  block_size // 2), each followed by itself; copy_loss_drop is the mean loss on the first copy minus
+  that on the second (the first COPY_SKIP tokens of each left out). A model that reaches
+  copy_length tokens back predicts the second copy far better (induction); a window W <
+  copy_length cannot, and DAR only through its latents.
 - on a recall dataset (prepare.py --synthetic=recall): recall accuracy on the test split
   (argmax at the answers), overall and by key-to-query distance, next to chance and the
   shortcut of a model that never binds keys to values.
@@ -16,6 +21,7 @@ every run of a dataset):
 Writes <out_dir>/eval.json and <out_dir>/loss_by_position.png. compare.py runs the same
 functions for every run of a comparison.
 """
+import hashlib
 import json
 import os
 import sys
@@ -25,12 +31,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from configurator import configure
+from configurator import check_device, configure
 from data import IGNORE, Dataset
 from model import GPT, GPTConfig
 from storage import load_checkpoint, write_atomically
 
 DISTANCE_BUCKETS = 4  # recall accuracy by key-to-query distance: equal-width buckets
+EVAL_VERSION = 2  # what eval.json holds; a cached result of another version is computed again
+COPY_SKIP = 4  # tokens at the start of each copy the copy test leaves out: no copy can predict them yet
 
 
 def load_run(out_dir, device='cpu'):
@@ -38,7 +46,7 @@ def load_run(out_dir, device='cpu'):
     path = os.path.join(out_dir, 'ckpt.pt')
     if not os.path.exists(path):
         raise SystemExit(f"{path} not found: train a model first (python train.py --out_dir={out_dir})")
-    ckpt = load_checkpoint(path, device)
+    ckpt = load_checkpoint(path)
     model = GPT(GPTConfig(**ckpt['model_args']))
     model.load_state_dict(ckpt['model'])
     return model.to(device).eval(), ckpt
@@ -60,6 +68,25 @@ def long_context_gain(loss_by_position, window):
     return float(np.mean(far) - np.mean(near)) if near and far else None
 
 
+def copy_test(model, data, length, n_sequences=128, batch_size=8, autocast=nullcontext()):
+    """Mean loss on the first and the second copy of fixed validation passages of `length` tokens,
+    each followed by itself, and copy_loss_drop = first - second (see the top of this file)."""
+    device = next(model.parameters()).device
+    if not COPY_SKIP < length <= model.config.block_size // 2:
+        raise ValueError(f"copy_length must be in ({COPY_SKIP}, block_size // 2 = {model.config.block_size // 2}], "
+                         f"got {length}")
+    first, second = [], []
+    for x, _ in data.fixed_batches('val', length, n_sequences, batch_size):
+        twice = torch.cat([x, x], 1).to(device)  # (B, 2L): passage, passage
+        with autocast:
+            _, loss = token_losses(model, twice[:, :-1], twice[:, 1:])  # loss[:, t]: of token t + 1
+        first.append(loss[:, COPY_SKIP - 1:length - 1].float().cpu())
+        second.append(loss[:, length + COPY_SKIP - 1:].float().cpu())
+    first, second = torch.cat(first).mean().item(), torch.cat(second).mean().item()
+    return {'copy_length': length, 'copy_loss_first': first, 'copy_loss_second': second,
+            'copy_loss_drop': first - second}
+
+
 def recall_baselines(n_pairs, n_values):
     """Chance (a uniform guess among the values), and the shortcut: a model that never binds a
     key to its value but guesses among the values not yet asked for gets query j (of P) right
@@ -77,9 +104,9 @@ def answer_distances(x, y):
 
 
 @torch.no_grad()
-def evaluate(model, data, n_sequences=128, batch_size=8, window=None, autocast=nullcontext()):
-    """Loss by position on data's val split, long-context gain, and on a recall dataset the
-    recall accuracy on its test split. Returns a dict for results.json."""
+def evaluate(model, data, n_sequences=128, batch_size=8, window=None, autocast=nullcontext(), copy_length=None):
+    """Loss by position on data's val split, long-context gain, the copy test on a token stream, and
+    on a recall dataset the recall accuracy on its test split. Returns a dict for results.json."""
     block_size, device = model.config.block_size, next(model.parameters()).device
     window = model.config.window if window is None else window
     sums, counts = torch.zeros(block_size, dtype=torch.float64), torch.zeros(block_size, dtype=torch.float64)
@@ -92,6 +119,8 @@ def evaluate(model, data, n_sequences=128, batch_size=8, window=None, autocast=n
     by_position = [s / c if c else None for s, c in zip(sums.tolist(), counts.tolist())]
     result = {'loss_by_position': by_position, 'long_context_window': window,
               'long_context_gain': long_context_gain(by_position, window)}
+    if data.format == 'stream' and block_size // 2 > COPY_SKIP:
+        result.update(copy_test(model, data, copy_length or block_size // 2, n_sequences, batch_size, autocast))
     task = data.meta.get('task') or {}
     if task.get('name') == 'recall':
         result.update(recall_accuracy(model, data, task, block_size, batch_size, autocast))
@@ -174,12 +203,22 @@ def plot_loss_by_position(curves, window, path, title):
     plt.close(fig)
 
 
-def evaluate_run(run_dir, dataset=None, n_sequences=128, batch_size=8, window=None, device='cpu'):
+def file_sha256(path):
+    digest = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for chunk in iter(lambda: f.read(1 << 24), b''):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def evaluate_run(run_dir, dataset=None, n_sequences=128, batch_size=8, window=None, device='cpu', copy_length=None):
     """evaluate() on run_dir's checkpoint; kept in run_dir/eval.json and reused while the
-    checkpoint and the settings are the same."""
+    checkpoint (its bytes), the dataset and the settings are the same."""
     model, ckpt = load_run(run_dir, device)
     dataset = dataset or ckpt['config']['dataset']
-    key = {'iter_num': ckpt['iter_num'], 'dataset': dataset, 'n_sequences': n_sequences, 'window': window}
+    key = {'version': EVAL_VERSION, 'checkpoint_sha256': file_sha256(os.path.join(run_dir, 'ckpt.pt')),
+           'dataset': dataset, 'dataset_meta': Dataset(os.path.join('data', dataset)).meta,
+           'n_sequences': n_sequences, 'window': window, 'copy_length': copy_length}
     path = os.path.join(run_dir, 'eval.json')
     if os.path.exists(path):
         with open(path, encoding='utf-8') as f:
@@ -189,17 +228,30 @@ def evaluate_run(run_dir, dataset=None, n_sequences=128, batch_size=8, window=No
     autocast = nullcontext()
     if device.startswith('cuda') and ckpt['config']['dtype'] == 'bfloat16':
         autocast = torch.autocast('cuda', dtype=torch.bfloat16)
-    result = evaluate(model, Dataset(os.path.join('data', dataset)), n_sequences, batch_size, window, autocast)
+    data = Dataset(os.path.join('data', dataset))
+    if data.vocab_size > model.config.vocab_size:
+        raise SystemExit(f"dataset {dataset} has {data.vocab_size} token ids, the model of {run_dir} only "
+                         f"{model.config.vocab_size}: evaluate it on the dataset it was trained on")
+    for split in ('val', 'test') if (data.meta.get('task') or {}).get('name') == 'recall' else ('val',):
+        data.check(split, model.config.block_size)
+    result = evaluate(model, data, n_sequences, batch_size, window, autocast, copy_length)
     write_atomically(path, lambda f: json.dump({'key': key, 'result': result}, f), mode='w')
     return result
 
 
 def main():
-    settings = dict(out_dir='out', dataset='', n_sequences=128, batch_size=8, window=None,
+    settings = dict(out_dir='out', dataset='', n_sequences=128, batch_size=8, window=None, copy_length=None,
                     device='cuda' if torch.cuda.is_available() else 'cpu')
     configure(settings, sys.argv[1:])
-    result = evaluate_run(settings['out_dir'], settings['dataset'] or None, settings['n_sequences'],
-                          settings['batch_size'], settings['window'], settings['device'])
+    check_device(settings['device'])
+    for name in ('n_sequences', 'batch_size', 'window', 'copy_length'):
+        if settings[name] is not None and settings[name] < 1:
+            raise SystemExit(f"--{name} must be at least 1, got {settings[name]}")
+    try:
+        result = evaluate_run(settings['out_dir'], settings['dataset'] or None, settings['n_sequences'],
+                              settings['batch_size'], settings['window'], settings['device'], settings['copy_length'])
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     window = result['long_context_window']
     curve = result['loss_by_position']
     print(f"loss by position ({settings['out_dir']}): first {curve[0]:.4f}, last {curve[-1]:.4f}"
@@ -207,6 +259,10 @@ def main():
     gain = result['long_context_gain']
     print(f"long-context gain (mean loss at >= 4W minus < W, W={window}): "
           + (f"{gain:+.4f}" if gain is not None else "undefined (needs a window and block_size > 4W)"))
+    if 'copy_loss_drop' in result:
+        print(f"copy test ({result['copy_length']}-token passages, each followed by itself): loss "
+              f"{result['copy_loss_first']:.4f} on the first copy, {result['copy_loss_second']:.4f} on the second, "
+              f"drop {result['copy_loss_drop']:+.4f}")
     if 'recall_accuracy' in result:
         print(f"recall accuracy {result['recall_accuracy']:.3f} over {result['recall_answers']} answers "
               f"(chance {result['recall_chance']:.3f}, shortcut without binding {result['recall_shortcut']:.3f})")

@@ -112,7 +112,7 @@ class GPTConfig:
     has_latents = property(lambda self: self.regime in ('dar', 'uniform'))
 
 
-# ---- The local/distant rule, written once. Every mask and every index bound below comes from it.
+# ---- The local/distant rule, written once: every mask and every index bound below comes from it
 
 
 def first_local(i, window):
@@ -238,8 +238,7 @@ class DARAttention(nn.Module):
 
     def qkv(self, x, cos, sin):
         """q, k, v (B, H, T, d) of x (B, T, C), q and k after the rotary embedding."""
-        B, T, C = x.shape
-        # (B, T, 3C) -> (B, T, 3, H, d) -> (3, B, H, T, d)
+        B, T, C = x.shape  # (B, T, 3C) -> (B, T, 3, H, d) -> (3, B, H, T, d):
         q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
         return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
 
@@ -341,8 +340,7 @@ class GPT(nn.Module):
         """The final-layer-normed states (B, T, C) of idx (B, T), with a cache continuing its sequence."""
         T = idx.shape[1]
         if cache is None and T > self.config.block_size:
-            raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}; "
-                             "crop the input or use a KV cache (model.new_cache) for generation")
+            raise ValueError(f"length {T} exceeds block_size {self.config.block_size}: crop it, or use a KV cache")
         start = 0 if cache is None else cache.begin(idx, self.compute_dtype(idx.device))
         cos, sin = rotary_cos_sin(torch.arange(start, start + T, device=idx.device),
                                   self.rot_dim, self.config.rotary_base)
@@ -359,10 +357,9 @@ class GPT(nn.Module):
 
     def forward(self, idx, targets=None, cache=None):
         logits = self.lm_head(self.hidden_states(idx, cache))
-        loss = None
-        if targets is not None:  # -1: not counted
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
-        return logits, loss
+        if targets is None:
+            return logits, None  # targets -1: not counted
+        return logits, F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
 
     def param_groups(self):
         """Names of the optimizer's groups: matrices and latent maps decay, biases and norms do not."""
@@ -400,6 +397,10 @@ class GPT(nn.Module):
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_token=None):
         """Prefill idx (B, T), then sample a token a step from the KV cache (temperature 0: greedy).
         Rows that emitted eos_token repeat it; generation stops once all have."""
+        V = self.config.vocab_size
+        if idx.dim() != 2 or not idx.shape[1] or idx.is_floating_point() or not 0 <= idx.min() <= idx.max() < V:
+            raise ValueError(f"idx must be token ids in [0, {V}) of shape (batch, tokens >= 1), got {idx.dtype} "
+                             f"{tuple(idx.shape)}")
         (B, T), x, done = idx.shape, idx, torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be at least 0, got {max_new_tokens}")
@@ -459,8 +460,7 @@ class KVCache:
             shape = (layers, B, H, r, max_seq_len - self.window)
             self.a, self.b = (torch.zeros(shape, device=device, dtype=dtype).transpose(-2, -1) for _ in 'ab')
 
-    def nbytes(self):
-        return sum(t.numel() * t.element_size() for t in (self.k, self.v, self.a, self.b) if t is not None)
+    nbytes = lambda self: sum(t.numel() * t.element_size() for t in (self.k, self.v, self.a, self.b) if t is not None)
 
     def reset(self):
         self.length, self.step, self.broken = 0, None, False  # stale entries are never read
@@ -471,6 +471,8 @@ class KVCache:
         same_device = (idx.device.type, idx.device.index or 0) == (self.device.type, self.device.index or 0)
         for bad, message in (
                 (self.broken, "a chunk raised partway and left this cache half written: call cache.reset()"),
+                (torch.is_grad_enabled(), "the KV cache is written in place, so autograd cannot run through it: "
+                                          "decode under torch.no_grad()"),
                 (dtype != self.dtype, f"the model computes in {dtype}, the cache holds {self.dtype}: make it with "
                                       "model.new_cache(..., dtype=...) or under the autocast you decode with"),
                 (B != self.batch_size, f"batch size {B}, the cache's {self.batch_size}: new_cache(batch_size=...)"),
@@ -512,8 +514,7 @@ class KVCache:
             return CacheView(k, v, a, b, None)
         return CacheView(ring_k[:, :, :st.held], ring_v[:, :, :st.held], a, b, st.mask)
 
-    def end_step(self, ran):
-        """Keeps a step that ran; of one that raised, nothing (a chunk's overwritten ring breaks the cache)."""
+    def end_step(self, ran):  # keeps a step that ran; of one that raised nothing (a chunk may break the ring)
         st, self.step = self.step, None
         self.length += st.n * ran
         self.broken |= not ran and st.older_slots is not None and st.start + st.n > self.ring_size

@@ -207,7 +207,7 @@ def skip_or_stop(where, problem, skipped):
     """A row that gives no document stops the run with an error naming it, unless skipped is a
     list (--skip_bad_rows): then it is noted there and left out."""
     if skipped is None:
-        raise SystemExit(f"{where}: {problem}; fix that row, or leave out rows without text with --skip_bad_rows")
+        raise SystemExit(f"{where}: {problem}; fix that row, or leave out such rows with --skip_bad_rows")
     skipped.append(where)
 
 
@@ -444,7 +444,7 @@ def sft_pairs(files, prompt_field, response_field, skipped):
         yield where, prompt, response
 
 
-def sft_examples(pairs, tokenizer, length, pack):
+def sft_examples(pairs, tokenizer, length, pack, skipped=None):
     """(ids, mask) of `length` tokens each from (where, prompt, response) pairs: prompt, response
     and an end-of-text token, the mask 1 on the response and its end-of-text (the completion-only
     loss of TRL's SFT trainer). Padded: one pair per example, end-of-text padding outside the
@@ -453,8 +453,9 @@ def sft_examples(pairs, tokenizer, length, pack):
     for where, prompt, response in pairs:
         p, r = tokenizer.encode_ordinary(prompt), tokenizer.encode_ordinary(response) + [eot]
         if len(r) >= length:  # the example's first token is never a target
-            raise SystemExit(f"{where}: the response is {len(r)} tokens with its end-of-text, too long for examples "
-                             f"of {length} (--block_size {length - 1}); raise --block_size")
+            skip_or_stop(where, f"the response is {len(r)} tokens with its end-of-text, too long for examples of "
+                                f"{length} (--block_size {length - 1}); raise --block_size", skipped)
+            continue
         if pack:
             ids, mask = ids + p + r, mask + [0] * len(p) + [1] * len(r)
             while len(ids) >= length:
@@ -482,7 +483,8 @@ def write_sft(args, tokenizer, spec, out_dir):
     counts, targets = {}, {}
     with new_dataset(out_dir) as new:
         for split, split_pairs in splits.items():
-            rows = list(tqdm(sft_examples(split_pairs, tokenizer, length, args.pack), desc=split, unit='example'))
+            rows = list(tqdm(sft_examples(split_pairs, tokenizer, length, args.pack, skipped), desc=split,
+                             unit='example'))
             ids, mask = np.array([r[0] for r in rows], dtype=dtype), np.array([r[1] for r in rows], dtype=np.uint8)
             write_atomically(os.path.join(new, f'{split}.bin'), ids.tofile)
             write_atomically(os.path.join(new, f'{split}.mask.bin'), mask.tofile)

@@ -144,10 +144,10 @@ def calibrate_latents(model, batches):
             init_latent_maps(down, up, torch.linalg.eigh(moment).eigenvectors.flip(-1)[..., :r])
 
 
-def load_base(source, device):
+def load_base(source):
     """The Base of a retrofit: a ckpt.pt of train.py, or a transformers GPT-NeoX model."""
     if os.path.isfile(source):
-        ckpt = load_checkpoint(source, device)
+        ckpt = load_checkpoint(source)
         return Base(ckpt['model_args'], ckpt['model'], ckpt.get('optimizer'))
     return Base(*load_neox(source), optimizer=None)
 

@@ -8,13 +8,14 @@ Sample from a trained model with the DAR KV cache (prefill once, then one token 
 Text is encoded and decoded with the tokenizer prepare.py recorded in the dataset's meta.json.
 """
 
+import json
 import os
 import sys
 import time
 
 import torch
 
-from configurator import configure
+from configurator import check_device, configure
 from cpu_matvec import use_matvec
 from model import GPT, GPTConfig
 from prepare import load_tokenizer
@@ -32,13 +33,15 @@ top_k = 200  # 0: no top-k, else at least 1
 top_p = 0.0  # 0: no nucleus sampling, else in (0, 1]
 seed = 1337
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
-dtype = 'bfloat16' if device == 'cuda' else 'float32'
+dtype = ''  # '': bfloat16 on CUDA, float32 on CPU
 dar_window = -1  # with a preset: -1 keeps full attention, else W
 dar_rank = -1  # with a preset: -1 keeps head_dim // 4, else r
 
 config = {k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, str))}
 configure(config, sys.argv[1:])
 globals().update(config)
+dtype = dtype or ('bfloat16' if device.startswith('cuda') else 'float32')  # from the device asked for
+check_device(device, dtype)
 top_k, top_p = top_k or None, top_p or None  # 0 turns them off here; sample_next takes None for that
 try:
     check_sampling(temperature, top_k, top_p)
@@ -55,6 +58,9 @@ if init_from == 'resume':
         raise SystemExit(f"no checkpoint at {ckpt_path}; train one (python train.py --out_dir={out_dir}) "
                          "or sample from random weights with --init_from=<preset>")
     checkpoint = load_checkpoint(ckpt_path)
+    if dar_window >= 0 or dar_rank >= 0:
+        raise SystemExit("--dar_window and --dar_rank change a preset's random model; a checkpoint keeps the "
+                         "attention it was trained with (retrofit it with train.py --init_from=... to change it)")
     model = GPT(GPTConfig(**checkpoint['model_args']))
     model.load_state_dict(checkpoint['model'])
     dataset = dataset or checkpoint['config'].get('dataset', '')
@@ -69,14 +75,29 @@ else:
     except ValueError as e:
         raise SystemExit(f"--init_from: {e}") from None
 model.eval().to(device=device, dtype=getattr(torch, dtype))
-if device == 'cpu':
+if device == 'cpu' and dtype == 'float32':
     use_matvec(model)  # faster CPU decode steps, the same math
 print(f"{model.config.regime} attention, {model.get_num_params() / 1e6:.2f}M non-embedding parameters")
 
 meta_path = dataset if os.path.isabs(dataset) else os.path.join('data', dataset)
 meta_path = os.path.join(meta_path, 'meta.json')
+meta = None
 if dataset and os.path.exists(meta_path):
-    encode, decode = load_tokenizer(meta_path)
+    try:
+        with open(meta_path, encoding='utf-8') as f:
+            meta = json.load(f)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"{meta_path} cannot be read ({e}); run prepare.py for that dataset again") from None
+if meta is not None and meta.get('tokenizer') is None:  # a synthetic task (recall): token ids in and out
+    def encode(text):
+        try:
+            return [int(t) for t in text.replace(',', ' ').split()]
+        except ValueError:
+            raise SystemExit(f"{meta_path}: this dataset has no tokenizer (a synthetic task): give the prompt as "
+                             "token ids, e.g. --start='3 17 5'") from None
+    decode = lambda ids: ' '.join(map(str, ids))
+elif meta is not None:
+    encode, decode = load_tokenizer(meta)
 elif init_from == 'resume':
     raise SystemExit(f"{meta_path} not found: the checkpoint's tokenizer is recorded there; "
                      "run prepare.py for that dataset or name one with --dataset=")
@@ -99,7 +120,7 @@ if max(ids) >= model.config.vocab_size:
                      f"{model.config.vocab_size}: --dataset does not match the checkpoint")
 x = torch.tensor([ids] * num_samples, dtype=torch.long, device=device)
 
-sync = torch.cuda.synchronize if device == 'cuda' else (lambda: None)
+sync = torch.cuda.synchronize if device.startswith('cuda') else (lambda: None)
 sync()
 t0 = time.perf_counter()
 y = model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)

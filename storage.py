@@ -37,10 +37,11 @@ def write_atomically(path, write, mode='wb'):
 CHECKPOINT_KEYS = ('model', 'optimizer', 'model_args', 'iter_num', 'best_val_loss', 'config')
 
 
-def load_checkpoint(path, device='cpu'):
-    """The dict train.py saved at path, or a clear error if the file is damaged or is not one."""
+def load_checkpoint(path):
+    """The dict train.py saved at path, its tensors on the CPU (so that reading it can fail only for
+    the file itself), or a clear error if the file is damaged or is not one."""
     try:
-        checkpoint = torch.load(path, map_location=device, weights_only=True)
+        checkpoint = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:  # truncated zip, random bytes, empty file, ...: torch's own messages mislead
         # (they suggest weights_only=False, which would run arbitrary code and not repair the file)
         raise SystemExit(f"{path} is corrupt or not a checkpoint of train.py ({e.__class__.__name__} while "

@@ -3,6 +3,7 @@ full-context forwards for the KV cache. Run: python -m pytest -q"""
 
 import contextlib
 import math
+import os
 import warnings
 
 import pytest
@@ -346,7 +347,8 @@ def test_a_layer_that_raises_leaves_no_half_updated_cache(regime, monkeypatch):
     ref = m(idx)[0]
     cache = m.new_cache(2, 40)
     p = W + 5
-    m(idx[:, :p], cache=cache)
+    with torch.no_grad():
+        m(idx[:, :p], cache=cache)
 
     def fail_in_layer_1(chunk):  # layer 0 has written its keys, layer 1 raises
         with monkeypatch.context() as patch:
@@ -465,20 +467,21 @@ def test_generate_length_checks():
 
 def test_cache_errors_are_clear():
     m = make_model('dar').eval()
-    cache = m.new_cache(2, 20)
-    with pytest.raises(ValueError, match='max_seq_len'):
-        m(torch.zeros(2, 21, dtype=torch.long), cache=cache)
-    m(torch.zeros(2, 15, dtype=torch.long), cache=cache)
-    with pytest.raises(ValueError, match='max_seq_len'):
-        m(torch.zeros(2, 6, dtype=torch.long), cache=cache)
-    with pytest.raises(ValueError, match='batch size'):
-        m(torch.zeros(3, 1, dtype=torch.long), cache=cache)
-    with pytest.raises(ValueError, match='dtype'):
-        m(torch.zeros(2, 1, dtype=torch.long), cache=m.new_cache(2, 20, dtype=torch.bfloat16))
-    assert cache.length == 15  # failed calls left the cache untouched
-    meta_cache = KVCache(m.config, 2, 20, device='meta', dtype=torch.float32)
-    with pytest.raises(ValueError, match='cache is on meta'):
-        m(torch.zeros(2, 1, dtype=torch.long), cache=meta_cache)
+    with torch.no_grad():
+        cache = m.new_cache(2, 20)
+        with pytest.raises(ValueError, match='max_seq_len'):
+            m(torch.zeros(2, 21, dtype=torch.long), cache=cache)
+        m(torch.zeros(2, 15, dtype=torch.long), cache=cache)
+        with pytest.raises(ValueError, match='max_seq_len'):
+            m(torch.zeros(2, 6, dtype=torch.long), cache=cache)
+        with pytest.raises(ValueError, match='batch size'):
+            m(torch.zeros(3, 1, dtype=torch.long), cache=cache)
+        with pytest.raises(ValueError, match='dtype'):
+            m(torch.zeros(2, 1, dtype=torch.long), cache=m.new_cache(2, 20, dtype=torch.bfloat16))
+        assert cache.length == 15  # failed calls left the cache untouched
+        meta_cache = KVCache(m.config, 2, 20, device='meta', dtype=torch.float32)
+        with pytest.raises(ValueError, match='cache is on meta'):
+            m(torch.zeros(2, 1, dtype=torch.long), cache=meta_cache)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -487,20 +490,34 @@ def test_cache_errors_are_clear():
 
 def test_bench_runs_and_writes_results(tmp_path):
     import json
-    run('bench.py', '--preset=tiny', '--dar_window=16', '--dar_rank=8', '--train_seq_lens=[40]',
+    run('bench.py', '--device=cpu', '--preset=tiny', '--dar_window=16', '--dar_rank=8', '--train_seq_lens=[40]',
         '--train_repeats=1', '--decode_contexts=[24,48]', '--decode_steps=2', '--decode_repeats=1',
-        '--prefill_repeats=1', '--decode_batches=[1,2]', '--kv_budget_gib=0.001', '--budget_context=48',
-        f'--out_dir={tmp_path}')
-    train = json.loads((tmp_path / 'train_cpu.json').read_text())
+        '--prefill_repeats=1', '--decode_batches=[1,2]', '--kv_budget_gib=0.001', cwd=tmp_path)
+    out = tmp_path / 'out-bench'  # not the committed results/: those only when asked
+    train = json.loads((out / 'train_cpu.json').read_text())
     assert {r['case'] for r in train['rows']} == {'full (sdpa)', 'DAR (sdpa)', 'DAR (fused)', 'uniform (auto)'}
     assert all(r['seconds'] > 0 and r['peak_bytes'] > 0 for r in train['rows'])
-    decode = json.loads((tmp_path / 'decode_cpu.json').read_text())
+    decode = json.loads((out / 'decode_cpu.json').read_text())
     assert {(r['batch'], r['context']) for r in decode['rows']} == {(1, 24), (1, 48), (2, 24), (2, 48)}
     dar = next(r for r in decode['rows'] if r['case'] == 'DAR' and r['context'] == 48 and r['batch'] == 2)
     assert dar['kv_vs_full'] < 1 and dar['decode_tok_s'] > 0 and dar['bytes_ceiling'] > 1
+    assert decode['budget_context'] == 48  # the run's longest context, not 32k
     full, dar = decode['budget_rows']
     assert full['kv_bytes'] <= 2**30 * 0.001 and dar['batch'] > full['batch'] >= 1
-    assert (tmp_path / 'decode_cpu.png').stat().st_size > 0
+    assert (out / 'decode_cpu.png').stat().st_size > 0
+
+
+@pytest.mark.parametrize('args, message', [
+    (['--section=decod'], "section must be 'train', 'decode' or 'all'"),
+    (['--decode_steps=0'], 'decode_steps must be at least 1'),
+    (['--decode_contexts=[0]'], 'decode_contexts must be a list of integers >= 1'),
+    (['--dar_rank=100'], 'dar_rank must be <= head_dim'),
+    (['--device=cuda:x'], 'device must be cpu, cuda or cuda:N'),
+])
+def test_bench_bad_settings_are_named(args, message, tmp_path):
+    proc = run('bench.py', *args, cwd=tmp_path, check=False)
+    assert proc.returncode != 0 and message in proc.stderr and 'Traceback' not in proc.stderr
+    assert not os.listdir(tmp_path)
 
 
 def test_sample_from_random_preset():
@@ -517,3 +534,24 @@ def test_sample_from_random_preset():
 def test_sample_bad_settings_are_named(args, message):
     proc = run('sample.py', '--init_from=tiny', '--max_new_tokens=2', *args, check=False)
     assert proc.returncode != 0 and message in proc.stderr and 'Traceback' not in proc.stderr
+
+
+@pytest.mark.parametrize('static', [False, True])
+def test_a_cache_step_with_autograd_on_is_refused_clearly(static):
+    # A cache written in place cannot carry autograd's graph from one step to the next: a clear
+    # refusal, and the cache untouched, where there used to be an error from deep inside torch.
+    m = make_model('dar').eval()
+    cache = m.new_cache(2, 20, static=static)
+    with pytest.raises(ValueError, match=r'torch\.no_grad\(\)'):
+        m(torch.zeros(2, 5, dtype=torch.long), cache=cache)
+    assert cache.length == 0
+    with torch.no_grad():
+        m(torch.zeros(2, 5, dtype=torch.long), cache=cache)
+    assert cache.length == 5
+
+
+@pytest.mark.parametrize('prompt', [torch.zeros(2, 0, dtype=torch.long), torch.zeros(3, dtype=torch.long),
+                                    torch.zeros(1, 3), torch.full((1, 3), 97), torch.full((1, 3), -1)])
+def test_generate_names_a_bad_prompt(prompt):
+    with pytest.raises(ValueError, match=r'idx must be token ids in \[0, 97\)'):
+        make_model('dar').eval().generate(prompt, 2)

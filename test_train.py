@@ -1,6 +1,7 @@
 """Tests of prepare.py, train.py and compare.py: data preparation, training, exact resume, DDP, bad input."""
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -443,7 +444,9 @@ def test_compare_smoke(shakespeare, tmp_path):
         assert len(r['loss_by_position']) == 32 and all(v > 0 for v in r['loss_by_position'])
         assert r['long_context_gain'] is not None
     assert '| dar | 4 | 4 |' in (tmp_path / 'results.md').read_text()
-    for png in ('val_loss.png', 'loss_by_position.png', 'memory_quality.png'):
+    assert all(r['copy_length'] == 16 and 'copy_loss_drop' in r for r in results['runs'])
+    assert 'copy drop' in (tmp_path / 'results.md').read_text()
+    for png in ('val_loss.png', 'loss_by_position.png', 'memory_quality.png', 'copy_test.png'):
         assert (tmp_path / png).stat().st_size > 0
 
 
@@ -639,3 +642,155 @@ def test_regime_grid_expands_a_sweep():
     for g in grid:
         assert GPTConfig(block_size=64, n_embd=32, n_head=2, dar_window=g.dar_window, dar_rank=g.dar_rank).regime == g.regime
     assert [g.name for g in compare.regime_grid(['dar', 'uniform'], [8], [])] == ['dar-W8', 'uniform']
+
+
+def test_copy_test_is_the_loss_of_a_plain_forward(shakespeare):
+    data = Dataset(shakespeare[0])
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(block_size=32, vocab_size=data.vocab_size, n_layer=1, n_head=2, n_embd=32, dar_window=4)).eval()
+    with torch.no_grad():
+        got = evaluate.copy_test(m, data, 16, n_sequences=5, batch_size=2)
+        x = torch.cat([x for x, _ in data.fixed_batches('val', 16, 5, 5)])  # the 5 passages
+        twice = torch.cat([x, x], 1)
+        nll = -torch.log_softmax(m(twice)[0][:, :-1].float(), -1).gather(-1, twice[:, 1:, None])[..., 0]
+    # tokens 4..15 of the first copy and 4..15 of the second (predicted from the position before)
+    first, second = nll[:, 3:15].mean().item(), nll[:, 19:31].mean().item()
+    assert got['copy_loss_first'] == pytest.approx(first, rel=1e-5)
+    assert got['copy_loss_second'] == pytest.approx(second, rel=1e-5)
+    assert got['copy_loss_drop'] == pytest.approx(first - second, rel=1e-4, abs=1e-6)
+    with pytest.raises(ValueError, match='copy_length'):
+        evaluate.copy_test(m, data, 17)  # 2 x 17 > block_size
+
+
+def test_binding_rate_interval_and_steps():
+    assert compare.wilson(1, 2) == pytest.approx((0.0945, 0.9055), abs=1e-3)
+    low, high = compare.wilson(6, 6)
+    assert high == 1.0 and low == pytest.approx(0.610, abs=1e-3)
+    assert compare.wilson(0, 6)[0] == 0.0
+    run = {'curve': [(0, 4.8), (50, 0.79), (100, 0.19), (150, 0.01)]}
+    assert compare.steps_to_bind(run) == 100 and compare.steps_to_bind({'curve': [(0, 4.8), (50, 0.8)]}) is None
+
+
+# what a user does never gives a wrong result or loses a run ------------------------------------------
+
+
+def test_evaluation_is_never_reused_for_another_model(shakespeare, tmp_path):
+    common = [*MODEL, '--block_size=32', f'--dataset={shakespeare[0]}', f'--out_dir={tmp_path}', '--max_iters=2',
+              '--eval_interval=2']
+    run('train.py', *common, '--dar_window=16', cwd=tmp_path)
+    dar = evaluate.evaluate_run(str(tmp_path), shakespeare[0], n_sequences=4)
+    run('train.py', *common, '--overwrite=True', '--seed=7', cwd=tmp_path)  # full attention, same iteration
+    full = evaluate.evaluate_run(str(tmp_path), shakespeare[0], n_sequences=4)
+    assert full['loss_by_position'] != dar['loss_by_position']
+    assert evaluate.evaluate_run(str(tmp_path), shakespeare[0], n_sequences=4) == full  # the same model: reused
+
+
+def test_a_second_run_in_the_same_out_dir_is_refused(shakespeare, tmp_path):
+    common = [*TINY, f'--dataset={shakespeare[0]}', f'--out_dir={tmp_path}', '--max_iters=1', '--eval_interval=1']
+    (tmp_path / '.lock').write_text(str(os.getppid()))  # a live process that is not this one holds it
+    proc = run('train.py', *common, cwd=tmp_path, check=False)
+    assert proc.returncode != 0 and 'in use by another run' in proc.stderr and 'Traceback' not in proc.stderr
+    assert not (tmp_path / 'ckpt.pt').exists() and not (tmp_path / 'log.jsonl').exists()
+    child = subprocess.Popen([sys.executable, '-c', ''])
+    child.wait()  # reaped: its pid names no process now
+    (tmp_path / '.lock').write_text(str(child.pid))  # left by a run that died: taken over
+    run('train.py', *common, cwd=tmp_path)
+    assert (tmp_path / 'ckpt.pt').exists() and not (tmp_path / '.lock').exists()
+
+
+def test_a_dataset_prepared_again_does_not_change_under_a_run(tmp_path):
+    out = str(tmp_path / 'recall')
+    args = ['--synthetic=recall', '--out_dir', out, '--seq_len=24', '--n_pairs=2', '--min_distance=8',
+            '--vocab_size=32', '--n_train=40', '--n_val=8', '--n_test=8']
+    prepare.main([*args, '--seed=1'])
+    data = Dataset(out)
+    before = data.sequences('train', list(range(40)), 23)
+    prepare.main([*args, '--seed=2'])
+    assert not torch.equal(Dataset(out).sequences('train', list(range(40)), 23)[0], before[0])
+    after = data.sequences('train', list(range(40)), 23)
+    assert torch.equal(after[0], before[0]) and torch.equal(after[1], before[1])
+
+
+@pytest.mark.parametrize('content', ['', '{"vocab_size": 10', '{"vocab_size": 10}'])
+def test_a_damaged_meta_json_is_named(tmp_path, content):
+    (tmp_path / 'meta.json').write_text(content)
+    with pytest.raises(SystemExit, match=r'meta\.json is damaged.*prepare\.py again'):
+        Dataset(str(tmp_path))
+
+
+@pytest.mark.parametrize('args, message', [
+    (['--grad_clip=-1'], 'grad_clip must be at least 0'),
+    (['--learning_rate=-1'], 'learning_rate must be at least 0'),
+    (['--beta2=1.5'], 'beta1 and beta2 must be in [0, 1)'),
+    (['--device=tpu'], "device must be cpu, cuda or cuda:N, got 'tpu'"),
+    (['--dtype=fp32'], "dtype must be one of float32, bfloat16, got 'fp32'"),
+    (['--dar_window=16.5'], 'dar_window must be'),
+])
+def test_train_refuses_nonsense_before_writing(shakespeare, tmp_path, args, message):
+    proc = run('train.py', *TINY, f'--dataset={shakespeare[0]}', f'--out_dir={tmp_path / "o"}', *args, cwd=tmp_path,
+               check=False)
+    assert proc.returncode != 0 and message in proc.stderr and 'Traceback' not in proc.stderr
+    assert not (tmp_path / 'o').exists()
+
+
+def test_an_unwritable_out_dir_is_named(shakespeare, tmp_path):
+    (tmp_path / 'a_file').write_text('')
+    proc = run('train.py', *TINY, f'--dataset={shakespeare[0]}', f'--out_dir={tmp_path / "a_file" / "o"}',
+               '--max_iters=1', cwd=tmp_path, check=False)
+    assert proc.returncode != 0 and 'cannot write to' in proc.stderr and 'Traceback' not in proc.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason='needs a machine without CUDA')
+def test_a_good_checkpoint_on_a_missing_device_is_not_called_corrupt(straight_run):
+    for script in ('evaluate.py', 'sample.py'):
+        proc = run(script, f'--out_dir={straight_run}', '--device=cuda', cwd=straight_run, check=False)
+        assert proc.returncode != 0 and 'no CUDA device is available' in proc.stderr, script
+        assert 'corrupt' not in proc.stderr and 'Traceback' not in proc.stderr, script
+
+
+@pytest.mark.parametrize('args, message', [
+    (['--window=-1'], '--window must be at least 1'),
+    (['--batch_size=0'], '--batch_size must be at least 1'),
+    (['--copy_length=40'], 'copy_length must be in'),
+])
+def test_evaluate_bad_settings_are_named(straight_run, args, message):
+    proc = run('evaluate.py', f'--out_dir={straight_run}', *args, cwd=straight_run, check=False)
+    assert proc.returncode != 0 and message in proc.stderr and 'Traceback' not in proc.stderr
+
+
+def test_evaluate_on_a_dataset_that_does_not_fit_is_named(recall, straight_run):
+    proc = run('evaluate.py', f'--out_dir={straight_run}', f'--dataset={recall[0]}', cwd=straight_run, check=False)
+    assert proc.returncode != 0 and 'block_size' in proc.stderr and 'Traceback' not in proc.stderr
+
+
+def test_sample_from_a_recall_checkpoint_reads_and_writes_token_ids(recall, tmp_path):
+    run('train.py', *MODEL, f'--dataset={recall[0]}', f'--out_dir={tmp_path}', '--max_iters=1', '--dar_window=4',
+        cwd=tmp_path)
+    proc = run('sample.py', f'--out_dir={tmp_path}', "--start=3 17 5", '--max_new_tokens=4', '--num_samples=1',
+               cwd=tmp_path)
+    assert proc.stdout.splitlines()[1].startswith('3 17 5 ') and len(proc.stdout.splitlines()[1].split()) == 7
+    proc = run('sample.py', f'--out_dir={tmp_path}', '--start=to be', cwd=tmp_path, check=False)
+    assert proc.returncode != 0 and 'no tokenizer' in proc.stderr and 'Traceback' not in proc.stderr
+    proc = run('sample.py', f'--out_dir={tmp_path}', '--dar_window=2', cwd=tmp_path, check=False)
+    assert proc.returncode != 0 and 'keeps the attention it was trained with' in proc.stderr
+
+
+def test_compare_takes_the_corrected_command_after_a_refused_one(shakespeare, tmp_path):
+    common = [*COMPARE, f'--dataset={shakespeare[0]}', f'--out_dir={tmp_path}', '--regimes=dar', '--dar_window=4',
+              '--max_iters=1', '--seeds=1']
+    proc = run('compare.py', *common, '--dar_maps=tide', cwd=tmp_path, check=False)
+    assert proc.returncode != 0 and 'dar_maps' in proc.stdout + proc.stderr
+    run('compare.py', *common, '--dar_maps=tied', cwd=tmp_path)  # not refused as "trained with other settings"
+
+
+def test_compare_refuses_a_window_as_long_as_the_context_before_training(shakespeare, tmp_path):
+    proc = run('compare.py', *COMPARE, f'--dataset={shakespeare[0]}', f'--out_dir={tmp_path}', '--dar_windows=32',
+               cwd=tmp_path, check=False)
+    assert proc.returncode != 0 and 'must be below block_size' in proc.stderr and not os.listdir(tmp_path)
+
+
+def test_skip_bad_rows_leaves_out_a_response_too_long(tmp_path):
+    path = sft_file(tmp_path / 'pairs.jsonl', [*PAIRS[:2], {'q': 'a prompt', 'a': 'far too long ' * 20}, *PAIRS[2:]])
+    meta = prepare.main(['--sft', path, '--prompt_field=q', '--response_field=a', '--block_size=24', '--val_every=3',
+                         '--skip_bad_rows', '--out_dir', str(tmp_path / 'o')])
+    assert meta['source']['skipped_rows'] == 1 and meta['train_examples'] + meta['val_examples'] == len(PAIRS)

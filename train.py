@@ -21,20 +21,21 @@ The model's shape comes from the base; dar_window, dar_rank, dar_maps, attn_impl
 from the settings here. The latent maps start from the PCA of the base's own keys and values
 (latent_init='calibrated') or random; the base's AdamW moments carry over where it has them.
 """
+import atexit
 import dataclasses
 import json
 import math
 import os
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import nullcontext, suppress
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from configurator import configure
+from configurator import check_device, configure
 from data import Dataset
 import retrofit
 from model import GPT, GPTConfig
@@ -79,7 +80,7 @@ lr_decay_iters = None  # None: max_iters
 min_lr = 1e-4
 # system
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
-dtype = 'bfloat16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else 'float32'
+dtype = ''  # '': bfloat16 autocast on CUDA (where supported), float32 on CPU
 compile = False  # torch.compile; worth it on GPU, mostly compile time on CPU
 seed = 1337
 # -----------------------------------------------------------------------------
@@ -88,16 +89,23 @@ config = {k: v for k, v in globals().items()
 configure(config, sys.argv[1:])
 globals().update(config)
 # -----------------------------------------------------------------------------
+# defaults that depend on the device, resolved from the device asked for
+cuda_bf16 = device.startswith('cuda') and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+dtype = config['dtype'] = dtype or ('bfloat16' if cuda_bf16 else 'float32')
 
 for key in ('eval_interval', 'eval_iters', 'log_interval', 'batch_size', 'block_size', 'gradient_accumulation_steps'):
     if config[key] is not None and config[key] < 1:
         raise SystemExit(f"{key} must be at least 1, got {config[key]}")
 if seed < 0:
     raise SystemExit(f"seed must be at least 0, got {seed}")
+for key, low in (('learning_rate', 0.0), ('min_lr', 0.0), ('weight_decay', 0.0), ('grad_clip', 0.0),
+                 ('warmup_iters', 0), ('max_iters', 0), ('calibration_batches', 1)):
+    if not config[key] >= low:  # a negative grad_clip would reverse the gradient, a negative lr climb the loss
+        raise SystemExit(f"{key} must be at least {low}, got {config[key]}")
+if not (0 <= beta1 < 1 and 0 <= beta2 < 1):
+    raise SystemExit(f"beta1 and beta2 must be in [0, 1), got {beta1} and {beta2}")
 if latent_init not in ('calibrated', 'random'):
     raise SystemExit(f"latent_init must be 'calibrated' or 'random', got '{latent_init}'")
-if calibration_batches < 1:
-    raise SystemExit(f"calibration_batches must be at least 1, got {calibration_batches}")
 retrofit_from = None if init_from in ('scratch', 'resume') else init_from
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')
 if init_from == 'resume' and not os.path.exists(ckpt_path):
@@ -107,11 +115,8 @@ if init_from != 'resume' and os.path.exists(ckpt_path) and not overwrite:
                      "--out_dir, or replace it with --overwrite=True")
 if retrofit_from is not None and os.path.abspath(retrofit_from) == os.path.abspath(ckpt_path):
     raise SystemExit(f"--init_from={init_from} is this run's own checkpoint; use --init_from=resume to continue it")
-if dtype not in ('float32', 'bfloat16'):
-    raise SystemExit(f"dtype must be 'float32' or 'bfloat16', got '{dtype}'")
+check_device(device, dtype)
 device_type = 'cuda' if device.startswith('cuda') else 'cpu'
-if device_type == 'cuda' and not torch.cuda.is_available():
-    raise SystemExit(f"device '{device}' asked for, but no CUDA device is available; use --device=cpu")
 if device_type == 'cpu' and dtype != 'float32':
     raise SystemExit("bfloat16 autocast is used on CUDA only; on CPU use --dtype=float32")
 lr_decay_iters = max_iters if lr_decay_iters is None else lr_decay_iters
@@ -167,7 +172,7 @@ RETROFIT_KEYS = ('dar_window', 'dar_rank', 'dar_maps', 'attn_impl')  # what a re
 
 def load_base(source):
     try:
-        return retrofit.load_base(source, device)
+        return retrofit.load_base(source)
     except ValueError as e:
         raise SystemExit(f"--init_from={source}: not a checkpoint file, and {e}") from None
 
@@ -187,7 +192,7 @@ def retrofit_config(base_args):
 checkpoint = base = None
 try:
     if init_from == 'resume':
-        checkpoint = load_checkpoint(ckpt_path, device)
+        checkpoint = load_checkpoint(ckpt_path)
         retrofit_from = checkpoint.get('retrofit_from')
     if retrofit_from is not None:
         base = load_base(retrofit_from) if checkpoint is None else None
@@ -264,8 +269,42 @@ def read_log():
 
 
 # log of eval losses, for compare.py's curves; a resumed run drops what came after its checkpoint
+
+
+def lock_out_dir():
+    """One run at a time in out_dir: out_dir/.lock holds the pid of the run that writes there; a second
+    run is refused while that process lives (a lock left by a dead one, or by this process, is taken)."""
+    path = os.path.join(out_dir, '.lock')
+    while True:
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            break
+        except FileExistsError:
+            try:
+                with open(path, encoding='utf-8') as f:
+                    pid = int(f.read().strip() or 0)
+                if pid and pid != os.getpid():
+                    os.kill(pid, 0)  # ProcessLookupError if no such process
+                    raise PermissionError
+            except PermissionError:  # alive (or another user's)
+                raise SystemExit(f"{out_dir} is in use by another run (process {pid}); wait for it to end, "
+                                 "or train into another --out_dir") from None
+            except (ProcessLookupError, ValueError, OSError):
+                pass
+            with suppress(FileNotFoundError):
+                os.remove(path)
+    with os.fdopen(fd, 'w') as f:
+        f.write(str(os.getpid()))
+    return path
+
+
 if master:  # the settings are valid: from here on the run may write
-    os.makedirs(out_dir, exist_ok=True)
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        lock_path = lock_out_dir()
+        atexit.register(lambda: os.path.exists(lock_path) and os.remove(lock_path))
+    except OSError as e:
+        raise SystemExit(f"cannot write to {out_dir} ({e.strerror}); choose a writable --out_dir") from None
     records = []
     if init_from == 'resume' and os.path.exists(log_path):
         records = [r for r in read_log() if r['iter'] < iter_num]
@@ -382,3 +421,5 @@ while True:
 if ddp:
     dist.barrier()  # let the master finish its final eval and checkpoint before tearing down
     dist.destroy_process_group()
+if master:
+    os.remove(lock_path)  # also here, not only at exit: a process may run train.py more than once
