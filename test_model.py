@@ -212,6 +212,8 @@ def test_fused_empty_sets_give_no_nan():
     (dict(rotary_pct=-0.1), 'rotary_pct'),
     (dict(dar_window=0, dar_rank=0), 'dar_rank'),
     (dict(n_layer=0), 'n_layer'),
+    (dict(dar_window=16.5), 'dar_window'),
+    (dict(block_size=True), 'block_size'),
 ])
 def test_invalid_config_names_the_field(kw, field):
     with pytest.raises(ValueError, match=field):
@@ -530,6 +532,8 @@ def test_sample_from_random_preset():
     (['--top_k=-5'], '--top_k must be at least 1'),
     (['--max_new_tokens=-1'], 'max_new_tokens must be at least 0'),
     (['--start=FILE:/nonexistent/prompt.txt'], 'FILE:/nonexistent/prompt.txt: cannot read the prompt'),
+    (['--dtype=fp32'], "dtype must be one of float32, bfloat16, got 'fp32'"),
+    (['--device=tpu'], "device must be cpu, cuda or cuda:N, got 'tpu'"),
 ])
 def test_sample_bad_settings_are_named(args, message):
     proc = run('sample.py', '--init_from=tiny', '--max_new_tokens=2', *args, check=False)
@@ -555,3 +559,11 @@ def test_a_cache_step_with_autograd_on_is_refused_clearly(static):
 def test_generate_names_a_bad_prompt(prompt):
     with pytest.raises(ValueError, match=r'idx must be token ids in \[0, 97\)'):
         make_model('dar').eval().generate(prompt, 2)
+
+
+def test_the_readme_api_snippet_runs_as_written():
+    readme = open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'README.md'), encoding='utf-8').read()
+    snippet = readme.split('## Model and cache API', 1)[1].split('```python\n', 1)[1].split('```', 1)[0]
+    namespace = {}
+    exec(compile(snippet, 'README.md', 'exec'), namespace)
+    assert namespace['out'].shape == (2, 340) and namespace['cache'].length == 0

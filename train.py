@@ -199,7 +199,9 @@ try:
         model_config = retrofit_config(checkpoint['model_args'] if checkpoint else base.model_args)
     else:
         overrides = {k: config[k] for k in MODEL_KEYS if config[k] is not None}
-        model_config = GPTConfig.from_preset(preset, **overrides, block_size=block_size, vocab_size=data.vocab_size)
+        # the vocabulary padded to a multiple of 64 (GPT-NeoX's 50,304 for gpt2's 50,257): fast matmul shapes
+        model_config = GPTConfig.from_preset(preset, **overrides, block_size=block_size,
+                                             vocab_size=-(-data.vocab_size // 64) * 64)
 except ValueError as e:
     raise SystemExit(f"model settings: {e}")
 model_args = dataclasses.asdict(model_config)
@@ -317,12 +319,12 @@ def estimate_loss():
     raw_model.eval()
     out = {}
     for code, split in enumerate(('train', 'val')):
-        losses = torch.zeros(eval_iters)
+        losses = []
         for k in range(eval_iters):
             X, Y = get_batch(split, EVAL_STREAM, code, k)
             with autocast:
-                losses[k] = raw_model(X, Y)[1].item()
-        out[split] = losses.mean().item()
+                losses.append(raw_model(X, Y)[1])
+        out[split] = torch.stack(losses).mean().item()  # one host sync per split, not one per batch
     raw_model.train()
     return out
 
@@ -365,6 +367,10 @@ def save_checkpoint():
 def sync():
     if device_type == 'cuda':
         torch.cuda.synchronize()
+
+# dense bf16 peak of the GPU for MFU: H100 and H200 989 TFLOPS, an A100 (and anything else) 312, as nanoGPT
+PEAK_FLOPS = 989e12 if device_type == 'cuda' and any(n in torch.cuda.get_device_name() for n in ('H100', 'H200')) \
+    else 312e12
 
 # training loop ----------------------------------------------------------------
 train_time, train_iters = 0.0, 0  # since the last eval, for its tokens/s
@@ -411,8 +417,7 @@ while True:
     train_time, train_iters = train_time + dt, train_iters + 1
     if master and iter_num % log_interval == 0:
         lossf = loss.item() * gradient_accumulation_steps  # the last micro-batch's, of this process
-        # model FLOPs utilisation against an A100's bf16 peak, as nanoGPT
-        mfu = raw_model.flops_per_token(block_size) * tokens_per_iter / world_size / dt / 312e12
+        mfu = raw_model.flops_per_token(block_size) * tokens_per_iter / world_size / dt / PEAK_FLOPS
         running_mfu = mfu if running_mfu < 0 else 0.9 * running_mfu + 0.1 * mfu
         print(f"iter {iter_num}: loss {lossf:.4f}, lr {lr:.2e}, {dt * 1000:.0f}ms, "
               f"{tokens_per_iter / dt:,.0f} tok/s, mfu {running_mfu * 100:.2f}%")
