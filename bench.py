@@ -7,7 +7,8 @@ the median of several timed runs after an untimed warm-up, fenced by device sync
     python bench.py                    # both
 
 Settings are the globals below, overridable as --key=value. Results: a printed table, and
-<out_dir>/<section>_<device>.json (plus decode_<device>.png for the decode section).
+<out_dir>/<section>_<device>.json (plus decode_<device>.png for the decode section); out_dir is
+out-bench/ unless asked (--out_dir=results replaces the committed figures the docs cite).
 """
 
 import functools

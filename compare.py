@@ -18,9 +18,10 @@ below are compare.py's own; every other one (in config files or --key=value) goe
 train.py for every run. Each run lives in <out_dir>/<name>-seed<seed>/ (e.g. dar-W16-r8);
 running the same command again continues unfinished runs from their checkpoints, and a run
 whose recorded settings differ from the ones asked for is an error, never silently reused.
-After training every run is evaluated (evaluate.py: loss by position; recall accuracy on a
-recall dataset). Writes <out_dir>/results.json, results.md, val_loss.png,
-loss_by_position.png and memory_quality.png.
+After training every run is evaluated (evaluate.py: loss by position and the copy test on a token
+stream; recall accuracy on a recall dataset, with the binding rate and its 95% interval from 3
+seeds on). Writes <out_dir>/results.json, results.md, val_loss.png, loss_by_position.png,
+memory_quality.png (every seed a point) and copy_test.png.
 
 Retrofit (the paper's second experiment): every run starts from the same trained full-attention
 model and continues on the same data for the same steps; the control is full attention:
