@@ -250,7 +250,7 @@ class DARAttention(nn.Module):
             maps = tuple(m.to(q.dtype) for m in maps)
         # Outside autocast, in the dtype it chose for q, k, v: float32 scores stay float32, and the fused
         # backward (which autograd runs outside autocast) sees the dtypes its forward saw.
-        with torch.autocast(x.device.type, enabled=False):
+        with torch.autocast('cpu' if x.device.type == 'meta' else x.device.type, enabled=False):
             if cache is None:
                 y = ATTENTION[resolve_attn_impl(self.config, T, x.device)](q, k, v, self.config.window, maps)
             else:

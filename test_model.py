@@ -567,3 +567,27 @@ def test_the_readme_api_snippet_runs_as_written():
     namespace = {}
     exec(compile(snippet, 'README.md', 'exec'), namespace)
     assert namespace['out'].shape == (2, 340) and namespace['cache'].length == 0
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize('regime', list(REGIMES))
+def test_pythia_70m_shape_at_2048_on_the_meta_device(regime, dtype):
+    # Shapes, dtypes and device placement of a GPU-sized step without the memory or the time: the
+    # pythia-70m shape at T=2048 (one of its six identical layers), every path forward and backward,
+    # and a cache prefill + decode step.
+    window, rank = model.regime_settings(regime, 256, 16)
+    with torch.device('meta'):
+        m = GPT(GPTConfig.from_preset('pythia-70m', n_layer=1, dar_window=window, dar_rank=rank)).to(dtype)
+        idx = torch.zeros(1, 2048, dtype=torch.long)
+    for impl in ('sdpa', 'fused', 'naive'):
+        m.config.attn_impl = impl
+        logits, loss = m(idx, idx)
+        assert logits.shape == (1, 2048, 50304) and logits.dtype == dtype and logits.device.type == 'meta'
+        loss.backward()
+        assert all(p.grad.shape == p.shape and p.grad.dtype == dtype for p in m.parameters())
+        m.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        for static in (False, True):
+            cache = m.new_cache(1, 2049, static=static)
+            assert m(idx, cache=cache)[0].shape == (1, 2048, 50304)
+            assert m(idx[:, :1], cache=cache)[0].shape == (1, 1, 50304) and cache.length == 2049
