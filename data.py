@@ -49,11 +49,12 @@ class Dataset:
                              f"{data_dir}") from None
         self.format = self.meta.get('format', 'stream')
         self.example_length = self.meta.get('example_length')
-        self.check_sizes()
-        # The files are opened once, now: prepare.py replaces a dataset by renaming a new directory into
-        # place, so a job keeps reading the data it started with however often it is prepared again.
+        # The files are opened once, now, and checked as opened: prepare.py replaces a dataset by renaming
+        # a new directory into place, so a job keeps reading the data it started with however often
+        # it is prepared again.
         self.files = {name: open(os.path.join(data_dir, name), 'rb') for name in sorted(os.listdir(data_dir))
                       if name.endswith('.bin')}
+        self.check_sizes()
 
     @property
     def vocab_size(self):
@@ -87,7 +88,7 @@ class Dataset:
             for name, bytes_per_token in files.items():
                 path = os.path.join(self.dir, name)
                 expected = tokens * bytes_per_token
-                size = os.path.getsize(path) if os.path.exists(path) else None
+                size = os.fstat(self.files[name].fileno()).st_size if name in self.files else None
                 if size != expected:
                     found = 'is missing' if size is None else f'has {size:,} bytes'
                     raise SystemExit(f"{path} {found}, but meta.json records {tokens:,} tokens ({expected:,} bytes): "

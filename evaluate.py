@@ -216,8 +216,9 @@ def evaluate_run(run_dir, dataset=None, n_sequences=128, batch_size=8, window=No
     checkpoint (its bytes), the dataset and the settings are the same."""
     model, ckpt = load_run(run_dir, device)
     dataset = dataset or ckpt['config']['dataset']
+    data = Dataset(os.path.join('data', dataset))
     key = {'version': EVAL_VERSION, 'checkpoint_sha256': file_sha256(os.path.join(run_dir, 'ckpt.pt')),
-           'dataset': dataset, 'dataset_meta': Dataset(os.path.join('data', dataset)).meta,
+           'dataset': dataset, 'dataset_meta': data.meta,
            'n_sequences': n_sequences, 'window': window, 'copy_length': copy_length}
     path = os.path.join(run_dir, 'eval.json')
     if os.path.exists(path):
@@ -228,7 +229,6 @@ def evaluate_run(run_dir, dataset=None, n_sequences=128, batch_size=8, window=No
     autocast = nullcontext()
     if device.startswith('cuda') and ckpt['config']['dtype'] == 'bfloat16':
         autocast = torch.autocast('cuda', dtype=torch.bfloat16)
-    data = Dataset(os.path.join('data', dataset))
     if data.vocab_size > model.config.vocab_size:
         raise SystemExit(f"dataset {dataset} has {data.vocab_size} token ids, the model of {run_dir} only "
                          f"{model.config.vocab_size}: evaluate it on the dataset it was trained on")
