@@ -38,7 +38,7 @@ decode_contexts = [1024, 4096, 16384, 32768]
 decode_batches = [1, 8]  # one decode table per batch size
 decode_steps = 32  # tokens per timed decode run
 decode_repeats = 5
-decode_compile = False  # torch.compile the decode step's attention on a static cache; off: it did not pay on CPU
+decode_compile = ''  # the whole decode step on a static cache: '' eager, 'inductor' (CUDA: + CUDA graphs), 'cudagraphs'
 kv_budget_gib = 4.0  # the budget rows: the largest batch whose KV cache fits in this many GiB...
 budget_context = 0  # ... at this context, full vs DAR (0: the largest of decode_contexts)
 prefill_repeats = 3
@@ -64,6 +64,8 @@ for name, value in (('train_repeats', train_repeats), ('decode_steps', decode_st
                     ('decode_repeats', decode_repeats), ('prefill_repeats', prefill_repeats)):
     if value < 1:
         raise SystemExit(f"{name} must be at least 1, got {value}")
+if decode_compile not in ('', 'inductor', 'cudagraphs') or decode_compile == 'cudagraphs' and device == 'cpu':
+    raise SystemExit(f"decode_compile must be '', 'inductor' or (on CUDA) 'cudagraphs', got '{decode_compile}'")
 if section not in ('train', 'decode', 'all'):
     raise SystemExit(f"section must be 'train', 'decode' or 'all', got '{section}'")
 try:
@@ -231,7 +233,7 @@ def weight_bytes(model):
 def decode_case(model, batch, ctx, warm_prefill):
     """Prefill tok/s (batch 1 up to prefill_max_context, else None) and decode steps/s of model at
     context ctx."""
-    cache = model.new_cache(batch, ctx + decode_steps + 1, static=decode_compile)
+    cache = model.new_cache(batch, ctx + decode_steps + 1, static=bool(decode_compile))
     prompt = torch.randint(0, model.config.vocab_size, (batch, ctx), device=device)
 
     def prefill():
@@ -244,22 +246,30 @@ def decode_case(model, batch, ctx, warm_prefill):
         prefill_tok_s = ctx / prefill_s
     token = prompt[:, -1:]
 
+    step = compiled(model) if decode_compile else model
+
     def decode():
-        cache.length = ctx  # decode time does not depend on what the cache holds
+        cache.reset(length=ctx)  # decode time does not depend on what the cache holds
         for _ in range(decode_steps):
-            model(token, cache=cache)
+            step(token, cache=cache)
 
     decode_s, _ = timed(decode, decode_repeats)
     return prefill_tok_s, decode_steps / decode_s
 
 
+@functools.cache
+def compiled(model):
+    """The whole decode step, one graph per shape (a static cache takes its position as a tensor)."""
+    mode = 'reduce-overhead' if device.startswith('cuda') else None  # CUDA graphs: one launch a step
+    if decode_compile == 'cudagraphs':  # the eager kernels, captured: seconds to compile, not minutes
+        return torch.compile(model, backend='cudagraphs', fullgraph=True, dynamic=False)
+    return torch.compile(model, mode=mode, fullgraph=True, dynamic=False)
+
+
 @torch.no_grad()
 def bench_decode():
-    if decode_compile:
-        import model as model_module
-        # A static cache gives every step of a case one shape: one compilation per case.
+    if decode_compile:  # one compilation per case and shape
         torch._dynamo.config.recompile_limit = len(DECODE_CASES) * len(decode_contexts) * len(decode_batches) + 8
-        model_module.decode_attention = torch.compile(model_module.decode_attention, dynamic=False)
     bandwidth = read_bandwidth()
     models = {name: build(w, r).eval() for name, (w, r) in DECODE_CASES.items()}
     kv_bytes = lambda model, batch, ctx: model.new_cache(batch, ctx, device='meta').nbytes()  # read per step
@@ -301,7 +311,7 @@ def bench_decode():
         r['decode_vs_full'] = r['decode_tok_s'] / budget_rows[0]['decode_tok_s']
 
     print(f"\nDecode, {preset} (random weights), W={dar_window}, r={dar_rank}, {dtype}, {machine()}"
-          f"{', decode attention compiled' if decode_compile else ''};"
+          f"{f', decode step compiled ({decode_compile})' if decode_compile else ''};"
           f" read bandwidth {bandwidth / 1e9:.1f} GB/s; median of {decode_repeats} x {decode_steps} steps,"
           f" prefill (batch 1) median of {prefill_repeats}, up to {prefill_max_context} tokens")
     for batch in decode_batches:

@@ -166,20 +166,21 @@ def sdpa_attention(q, k, v, window, maps):
 
 def decode_attention(q, view, up_k, up_v):
     """One new token q (B, H, 1, d) against the CacheView that holds it: every key in view.k is in its
-    window, every latent distant. Absorbed: the up maps meet q and the latent sum, never a token."""
-    q = q.float() / math.sqrt(q.shape[-1])
-    scores = q @ view.k.float().transpose(-2, -1)  # (B, H, 1, n_near): q . k_j
+    window, every latent distant. Absorbed: the up maps meet q and the latent sum, never a token.
+    Products in the cache's dtype (the cache is read once, never copied), the softmax in float32."""
+    q = q / math.sqrt(q.shape[-1])
+    scores = (q @ view.k.transpose(-2, -1)).float()  # (B, H, 1, n_near): q . k_j
     if view.a is not None:
-        q_latent = q @ up_k.float().transpose(-2, -1)  # (B, H, 1, r): q U^T
-        scores = torch.cat([scores, q_latent @ view.a.float().transpose(-2, -1)], -1)  # ... (q U^T) . a_j
+        q_latent = q @ up_k.transpose(-2, -1)  # (B, H, 1, r): q U^T
+        scores = torch.cat([scores, (q_latent @ view.a.transpose(-2, -1)).float()], -1)  # ... (q U^T) . a_j
     if view.mask is not None:
         scores = scores + view.mask
-    p = torch.softmax(scores, -1)  # one softmax over both sets
+    p = torch.softmax(scores, -1).to(view.v.dtype)  # one softmax over both sets
     n_near = view.k.shape[-2]
-    out = p[..., :n_near].to(view.v.dtype) @ view.v  # sum_j p_j v_j
+    out = p[..., :n_near] @ view.v  # sum_j p_j v_j
     if view.a is not None:
-        out = out + (p[..., n_near:].to(view.b.dtype) @ view.b) @ up_v  # (sum_j p_j b_j) V
-    return out.to(view.k.dtype)
+        out = out + (p[..., n_near:] @ view.b) @ up_v  # (sum_j p_j b_j) V
+    return out
 
 
 def fused_attention(q, k, v, window, maps, block=None):
@@ -341,9 +342,8 @@ class GPT(nn.Module):
         T = idx.shape[1]
         if cache is None and T > self.config.block_size:
             raise ValueError(f"length {T} exceeds block_size {self.config.block_size}: crop it, or use a KV cache")
-        start = 0 if cache is None else cache.begin(idx, self.compute_dtype(idx.device))
-        cos, sin = rotary_cos_sin(torch.arange(start, start + T, device=idx.device),
-                                  self.rot_dim, self.config.rotary_base)
+        pos = torch.arange(T, device=idx.device) if cache is None else cache.begin(idx, self.compute_dtype(idx.device))
+        cos, sin = rotary_cos_sin(pos, self.rot_dim, self.config.rotary_base)
         x = self.transformer.drop(self.transformer.wte(idx))
         ran = False
         try:
@@ -422,10 +422,10 @@ class GPT(nn.Module):
 
 # ---- KV cache
 
-# A step, planned once for all layers: new tokens at [start, start + n), the last written to ring_slots;
-# older_slots (or None): older tokens a chunk reads in full dims, in position order; a decode step
+# A step, planned once for all layers: new tokens at [start, start + n), the last written to ring_slots,
+# the first to latent_slots; older_slots (or None): older tokens a chunk reads in full dims, in position order; a decode step
 # reads ring slots [0, held), latents [0, n_far) and (static) adds mask to its scores.
-CacheStep = namedtuple('CacheStep', 'start n ring_slots older_slots held n_far mask')
+CacheStep = namedtuple('CacheStep', 'start n ring_slots older_slots latent_slots held n_far mask')
 # What a layer reads. A decode step's k is its window (ring order), mask 0 / -inf over [k | a] if static;
 # a chunk's k is in position order, ending with the chunk; its attention masks by distance.
 CacheView = namedtuple('CacheView', 'k v a b mask')
@@ -449,25 +449,33 @@ class KVCache:
         if max_seq_len <= 0 or batch_size <= 0:
             raise ValueError(f"batch_size and max_seq_len must be positive, got {batch_size}, {max_seq_len}")
         self.window, self.static = config.window, static
-        self.batch_size, self.max_seq_len, self.length = batch_size, max_seq_len, 0
-        self.device, self.dtype = torch.device(device), dtype
+        self.batch_size, self.max_seq_len, self.dtype = batch_size, max_seq_len, dtype
         self.step, self.broken = None, False
         layers, B, H, d, r = config.n_layer, batch_size, config.n_head, config.head_dim, config.dar_rank
         self.ring_size = max_seq_len if self.window is None else min(self.window, max_seq_len)
         self.k, self.v = (torch.zeros(layers, B, H, self.ring_size, d, device=device, dtype=dtype) for _ in 'kv')
+        self.device = self.k.device  # 'cuda' means the current device: under DDP, this rank's
         self.a = self.b = None
-        if config.has_latents and max_seq_len > self.window:
-            shape = (layers, B, H, r, max_seq_len - self.window)
+        if config.has_latents and max_seq_len > self.window:  # static: a row per position, written by index
+            shape = (layers, B, H, r, max_seq_len - (not static) * self.window)
             self.a, self.b = (torch.zeros(shape, device=device, dtype=dtype).transpose(-2, -1) for _ in 'ab')
+        self.n_cached, self.pos = 0, torch.zeros(1, dtype=torch.long, device=device)  # static: counted in pos
+        for t in (self.k, self.v, self.a, self.b, self.pos) if static else ():
+            if t is not None:  # written in place by a replayed CUDA graph: kept at its address, never copied
+                torch._dynamo.mark_static_address(t)
 
     nbytes = lambda self: sum(t.numel() * t.element_size() for t in (self.k, self.v, self.a, self.b) if t is not None)
+    length = property(lambda self: int(self.pos) if self.static else self.n_cached)  # tokens cached
 
-    def reset(self):
-        self.length, self.step, self.broken = 0, None, False  # stale entries are never read
+    def reset(self, length=0):  # stale entries are never read; length > 0: as if that many were (benchmarks)
+        self.n_cached, self.step, self.broken = length, None, False
+        self.pos.fill_(length)
 
     def begin(self, idx, dtype):
-        """Checks the next chunk idx (B, n) (activations in dtype) and plans its step; returns its start."""
-        (B, n), start, S = idx.shape, self.length, self.ring_size
+        """Checks the next chunk idx (B, n) (activations in dtype) and plans its step; returns its positions."""
+        (B, n), S = idx.shape, self.ring_size
+        on_device = self.static and n == 1  # a static decode step reads no host number: one graph for all steps
+        start = None if on_device else self.length
         same_device = (idx.device.type, idx.device.index or 0) == (self.device.type, self.device.index or 0)
         for bad, message in (
                 (self.broken, "a chunk raised partway and left this cache half written: call cache.reset()"),
@@ -477,23 +485,28 @@ class KVCache:
                                       "model.new_cache(..., dtype=...) or under the autocast you decode with"),
                 (B != self.batch_size, f"batch size {B}, the cache's {self.batch_size}: new_cache(batch_size=...)"),
                 (not same_device, f"input is on {idx.device}, the cache is on {self.device}: move one of them"),
-                (start + n > self.max_seq_len, f"{start} cached + {n} new tokens exceed the cache's max_seq_len "
-                                               f"{self.max_seq_len}: make a larger cache, or cache.reset()")):
+                (not on_device and start + n > self.max_seq_len, f"{start} cached + {n} new tokens exceed the "
+                 f"cache's max_seq_len {self.max_seq_len}: make a larger cache, or cache.reset()")):
             if bad:
                 raise ValueError(message)
+        n_latents = 0 if self.a is None else self.a.shape[-2]
+        if on_device:  # read every slot, mask what is not written yet; the position is a tensor
+            pos = self.pos
+            torch._assert_async(pos[0] < self.max_seq_len, f"a static cache step past its max_seq_len "
+                                f"{self.max_seq_len}: make a larger cache, or cache.reset()")
+            slot = torch.arange(S + n_latents, device=self.device)
+            written = torch.where(slot < S, slot <= pos, slot - S < first_local(pos, self.window))
+            mask = torch.zeros(len(slot), device=self.device).masked_fill(~written, -math.inf)
+            self.step = CacheStep(pos, 1, pos % max(S, 1) if S else pos[:0], None, pos[:n_latents], S, n_latents, mask)
+            return pos
         slots = lambda lo, hi: torch.arange(lo, hi, device=self.device) % max(S, 1)
         n_older = 0 if n == 1 else min(start, S if self.window is None else max(0, self.window - 1))
-        n_latents = 0 if self.a is None else self.a.shape[-2]
         n_far = min(n_latents, max(0, first_local(start + n - 1, self.window)))  # those the newest token reads
-        held, mask = min(start + n, S), None
-        if self.static and n == 1:  # read every slot; mask what is not written yet
-            slot = torch.arange(S + n_latents, device=self.device)
-            written = torch.where(slot < S, slot < held, slot - S < n_far)
-            held, n_far = S, n_latents
-            mask = torch.zeros(len(slot), device=self.device).masked_fill(~written, -math.inf)
         self.step = CacheStep(start, n, slots(start + n - min(n, S), start + n),
-                              slots(start - n_older, start) if n_older else None, held, n_far, mask)
-        return start
+                              slots(start - n_older, start) if n_older else None,
+                              torch.arange(start, max(start, min(start + n, n_latents)), device=self.device),
+                              min(start + n, S), n_far, None)
+        return torch.arange(start, start + n, device=self.device)
 
     def update(self, layer, k, v, maps):
         """Writes a layer's new keys and values (B, H, n, d) and their latents; returns its CacheView."""
@@ -502,10 +515,10 @@ class KVCache:
         if st.older_slots is not None:  # gathered before the writes below can overwrite them
             k = torch.cat([ring_k.index_select(2, st.older_slots), k], 2)
             v = torch.cat([ring_v.index_select(2, st.older_slots), v], 2)
-        hi = 0 if self.a is None else min(st.start + st.n, self.a.shape[-2])  # later ones are never distant
-        if hi > st.start:
-            self.a[layer][:, :, st.start:hi] = new_k[:, :, :hi - st.start] @ maps[0]
-            self.b[layer][:, :, st.start:hi] = new_v[:, :, :hi - st.start] @ maps[2]
+        if self.a is not None:  # the first len(latent_slots) new tokens; later ones are never distant
+            m = len(st.latent_slots)
+            self.a[layer].index_copy_(2, st.latent_slots, new_k[:, :, :m] @ maps[0])
+            self.b[layer].index_copy_(2, st.latent_slots, new_v[:, :, :m] @ maps[2])
         m = len(st.ring_slots)
         ring_k.index_copy_(2, st.ring_slots, new_k[:, :, st.n - m:])
         ring_v.index_copy_(2, st.ring_slots, new_v[:, :, st.n - m:])
@@ -516,7 +529,10 @@ class KVCache:
 
     def end_step(self, ran):  # keeps a step that ran; of one that raised nothing (a chunk may break the ring)
         st, self.step = self.step, None
-        self.length += st.n * ran
+        if self.static:
+            self.pos += st.n * ran
+        else:
+            self.n_cached += st.n * ran
         self.broken |= not ran and st.older_slots is not None and st.start + st.n > self.ring_size
 
 
