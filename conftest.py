@@ -13,7 +13,9 @@ import torch
 ROOT = os.path.dirname(os.path.abspath(__file__))
 # Scripts that run in this process (no interpreter start and torch import, ~3 s each). compare.py
 # runs train.py in processes of its own, with its progress bar, and DDP needs torchrun.
-IN_PROCESS = ('train.py', 'evaluate.py', 'sample.py', 'bench.py')
+IN_PROCESS = ('train.py', 'evaluate.py', 'sample.py', 'bench.py', 'compare.py')
+if os.environ.get('PYTEST_XDIST_WORKER'):  # pytest -n 2: one thread per worker, as many as there are cores
+    torch.set_num_threads(1)
 
 
 def run_in_process(script, args, cwd):

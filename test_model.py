@@ -8,6 +8,7 @@ import warnings
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import cpu_matvec
 import model
@@ -580,10 +581,11 @@ def test_the_readme_api_snippet_runs_as_written():
 
 @pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize('regime', list(REGIMES))
-def test_pythia_70m_shape_at_2048_on_the_meta_device(regime, dtype):
+def test_pythia_70m_shape_at_2048_on_the_meta_device(regime, dtype, monkeypatch):
     # Shapes, dtypes and device placement of a GPU-sized step without the memory or the time: the
     # pythia-70m shape at T=2048 (one of its six identical layers), every path forward and backward,
     # and a cache prefill + decode step.
+    monkeypatch.setattr(model, 'FUSED_BLOCK', 128)  # the real block: 16 of them, not 256
     window, rank = model.regime_settings(regime, 256, 16)
     with torch.device('meta'):
         m = GPT(GPTConfig.from_preset('pythia-70m', n_layer=1, dar_window=window, dar_rank=rank)).to(dtype)
@@ -601,3 +603,66 @@ def test_pythia_70m_shape_at_2048_on_the_meta_device(regime, dtype):
         assert m(idx[:, :1], cache=cache)[0].shape == (1, 1, 50304) and cache.length == 2049
         # A static cache counts on the device, which the meta device cannot: its decode step alone.
         assert m(idx[:, :1], cache=m.new_cache(1, 2049, static=True))[0].shape == (1, 1, 50304)
+
+
+class HostSyncs(TorchDispatchMode):
+    """Records the ops that make the host wait for the device: on a GPU each one drains the queue of
+    launched kernels. On the CPU they cost nothing, so only a check like this one finds them."""
+    SYNCING = ('_local_scalar_dense', 'nonzero', 'masked_select', 'is_nonzero', 'equal', 'allclose', '_unique2')
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ in self.SYNCING:
+            self.ops.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize('regime', list(REGIMES))
+def test_a_training_step_and_a_decode_step_make_no_host_sync(regime):
+    with HostSyncs() as control:
+        torch.ones(2).nonzero(), torch.ones(2).sum().item()  # the check sees them
+    assert control.ops == ['nonzero', '_local_scalar_dense']
+    m = make_model(regime)
+    idx = torch.randint(0, 97, (2, 40), generator=torch.Generator().manual_seed(9))
+    for impl in ('sdpa', 'fused'):
+        m.config.attn_impl = impl
+        with HostSyncs() as syncs:  # what train.py runs on the device each step (its AdamW is fused on CUDA)
+            m(idx, idx)[1].backward()
+            torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
+        assert syncs.ops == [], impl
+    with torch.no_grad():
+        for static in (False, True):
+            cache = m.new_cache(2, 40, static=static)
+            m(idx[:, :W + 3], cache=cache)
+            with HostSyncs() as syncs:
+                m(idx[:, W + 3:W + 4], cache=cache)
+            assert syncs.ops == [], f'static={static}'
+
+
+@pytest.mark.parametrize('impl', ['sdpa', 'fused'])
+@pytest.mark.parametrize('regime', list(REGIMES))
+def test_a_training_step_compiles_as_one_graph_once(regime, impl, monkeypatch):
+    # What torch.compile on a GPU meets first: a graph break or a guard on a value that changes each
+    # step. aot_eager traces forward and backward as inductor would, without generating code.
+    monkeypatch.setattr(model, 'FUSED_BLOCK', 16)  # two query blocks: the loop traced, briefly
+    eager, m = make_model(regime, attn_impl=impl, n_layer=1), make_model(regime, attn_impl=impl, n_layer=1)
+    torch._dynamo.reset()
+    step = torch.compile(m, fullgraph=True, backend='aot_eager')
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for seed in (1, 2):  # a second batch: no recompile
+            idx = torch.randint(0, 97, (2, 20), generator=torch.Generator().manual_seed(seed))
+            step(idx, idx)[1].backward()
+            eager(idx, idx)[1].backward()
+    for p, q in zip(m.parameters(), eager.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize('regime', list(REGIMES))
+def test_auto_never_picks_the_eager_fused_path_on_cuda(regime):
+    # Its Python loop over query blocks launches ~9k kernels a step at T=2048 on a GPU: it is picked
+    # there only after a GPU measurement says so (gpu_check.sh measures it).
+    config = small_config(regime, block_size=8192)
+    assert {model.resolve_attn_impl(config, T, torch.device('cuda')) for T in (64, 2048, 8192)} == {'sdpa'}

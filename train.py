@@ -338,14 +338,28 @@ def get_lr(it):
     return min_lr + coeff * (learning_rate - min_lr)
 
 
-def stop_unless_finite(values):
-    """Ends the run at a nan or inf loss or gradient norm, before it reaches the weights or a checkpoint."""
+def stop_unless_finite(iteration, values):
+    """Ends the run at a nan or inf loss or gradient norm, before it reaches a checkpoint."""
     bad = [f"{name} {value}" for name, value in values.items() if not math.isfinite(value)]
     if bad:
         kept = f" (iteration {saved_iter})" if saved_iter is not None else ""
-        raise SystemExit(f"iteration {iter_num}: {', '.join(bad)}; the run stopped without saving, so {ckpt_path} "
+        raise SystemExit(f"iteration {iteration}: {', '.join(bad)}; the run stopped without saving, so {ckpt_path} "
                          f"keeps the last good checkpoint{kept}. Lower --learning_rate or raise --warmup_iters, "
                          "then continue with --init_from=resume")
+
+
+pending = []  # (iteration, loss, gradient norm) of the steps since the last check, still on the device
+
+
+def check_steps():
+    """Reads the pending steps' losses and norms in one host sync (the hot loop makes none), stops the run
+    at the first non-finite one; returns how many steps there were and the last one's loss."""
+    values = torch.stack([torch.stack([loss, norm]).float() for _, loss, norm in pending]).tolist() if pending else []
+    for (iteration, _, _), (loss, norm) in zip(pending, values):
+        stop_unless_finite(iteration, {'loss': loss, 'gradient norm': norm})
+    n = len(pending)
+    pending.clear()
+    return n, values[-1][0] if values else math.nan
 
 
 def save_checkpoint():
@@ -364,10 +378,6 @@ def save_checkpoint():
     saved_iter = iter_num
 
 
-def sync():
-    if device_type == 'cuda':
-        torch.cuda.synchronize()
-
 # dense bf16 peak of the GPU for MFU: H100 and H200 989 TFLOPS, an A100 (and anything else) 312, as nanoGPT
 PEAK_FLOPS = 989e12 if device_type == 'cuda' and any(n in torch.cuda.get_device_name() for n in ('H100', 'H200')) \
     else 312e12
@@ -375,10 +385,14 @@ PEAK_FLOPS = 989e12 if device_type == 'cuda' and any(n in torch.cuda.get_device_
 # training loop ----------------------------------------------------------------
 train_time, train_iters = 0.0, 0  # since the last eval, for its tokens/s
 running_mfu = -1.0
+t_mark = time.time()  # the last host sync: times are of the steps since, read when a check syncs
 while True:
+    if iter_num % eval_interval == 0 or iter_num == max_iters:  # every process: a bad step stops them all
+        n, _ = check_steps()
+        train_time, train_iters = train_time + time.time() - t_mark, train_iters + n
     if master and (iter_num % eval_interval == 0 or iter_num == max_iters):
         losses = estimate_loss()
-        stop_unless_finite({'train loss': losses['train'], 'val loss': losses['val']})
+        stop_unless_finite(iter_num, {'train loss': losses['train'], 'val loss': losses['val']})
         best_val_loss = min(best_val_loss, losses['val'])
         record = {'iter': iter_num, 'tokens': iter_num * tokens_per_iter,
                   'train_loss': losses['train'], 'val_loss': losses['val'], 'lr': get_lr(iter_num)}
@@ -391,13 +405,13 @@ while True:
         # a resumed run's first eval is of its checkpoint; an untrained model is saved only over nothing
         if iter_num != saved_iter and (iter_num > 0 or not os.path.exists(ckpt_path)):
             save_checkpoint()
+    t_mark = time.time() if iter_num % eval_interval == 0 else t_mark
     if iter_num >= max_iters:
         break
 
     lr = get_lr(iter_num)
     for group in optimizer.param_groups:
         group['lr'] = lr
-    t0 = time.time()
     train_loss = 0.0  # of this process, summed over its micro-batches
     for micro_step in range(gradient_accumulation_steps):
         if ddp:  # all-reduce the gradients once, after the last micro-batch
@@ -409,18 +423,18 @@ while True:
         train_loss += loss.detach()
     # the norm of the summed (all-reduced) gradient, the same on every process; max_norm inf only measures it
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or math.inf)
-    stop_unless_finite({'loss': train_loss.item(), 'gradient norm': grad_norm.item()})
-    optimizer.step()
+    optimizer.step()  # a non-finite step stops the run at the next check, before any checkpoint
     optimizer.zero_grad(set_to_none=True)
-    sync()
-    dt = time.time() - t0
-    train_time, train_iters = train_time + dt, train_iters + 1
-    if master and iter_num % log_interval == 0:
-        lossf = loss.item() * gradient_accumulation_steps  # the last micro-batch's, of this process
+    pending.append((iter_num, train_loss, grad_norm))
+    if iter_num % log_interval == 0:
+        n, lossf = check_steps()
+        dt = (time.time() - t_mark) / n
+        train_time, train_iters, t_mark = train_time + dt * n, train_iters + n, time.time()
         mfu = raw_model.flops_per_token(block_size) * tokens_per_iter / world_size / dt / PEAK_FLOPS
         running_mfu = mfu if running_mfu < 0 else 0.9 * running_mfu + 0.1 * mfu
-        print(f"iter {iter_num}: loss {lossf:.4f}, lr {lr:.2e}, {dt * 1000:.0f}ms, "
-              f"{tokens_per_iter / dt:,.0f} tok/s, mfu {running_mfu * 100:.2f}%")
+        if master:  # the loss of this process's micro-batches; time per step since the last log
+            print(f"iter {iter_num}: loss {lossf:.4f}, lr {lr:.2e}, {dt * 1000:.0f}ms, "
+                  f"{tokens_per_iter / dt:,.0f} tok/s, mfu {running_mfu * 100:.2f}%")
     iter_num += 1
 
 if ddp:
