@@ -11,6 +11,7 @@ import torch
 
 import compare
 import evaluate
+import gpu_check
 import model
 import prepare
 from configurator import configure
@@ -791,3 +792,25 @@ def test_skip_bad_rows_leaves_out_a_response_too_long(tmp_path):
     meta = prepare.main(['--sft', path, '--prompt_field=q', '--response_field=a', '--block_size=24', '--val_every=3',
                          '--skip_bad_rows', '--out_dir', str(tmp_path / 'o')])
     assert meta['source']['skipped_rows'] == 1 and meta['train_examples'] + meta['val_examples'] == len(PAIRS)
+
+
+def test_gpu_check_dry_run(shakespeare, tmp_path):
+    # gpu_check.sh's stages at tiny sizes on the CPU, so that the one prepared GPU command cannot rot.
+    out, python_dir = tmp_path / 'out', os.path.dirname(sys.executable)
+    proc = subprocess.run(['bash', os.path.join(ROOT, 'gpu_check.sh'), shakespeare[0], str(out)], capture_output=True,
+                          text=True, timeout=280, env={**os.environ, 'GPU_CHECK_DRY': '1', 'OMP_NUM_THREADS': '1',
+                                                       'PATH': f"{python_dir}:{os.environ['PATH']}"})
+    assert proc.returncode == 0 and 'FAILED' not in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert {p.name for p in out.iterdir()} == {'log.txt', 'steps.json', 'decode_eager.json', 'train_results.json',
+                                               'loss_by_position.png', 'summary.md'}  # + tests, graphs on a GPU
+    steps = json.loads((out / 'steps.json').read_text())
+    assert len(steps['training_steps']) == 8 and len(steps['decode']) == 12
+    for row in steps['training_steps']:
+        assert row['host_syncs'] == [] and row['ops'] > 0 and row['error_vs_naive'] < 0.03, row
+    assert all(row['relative_error'] < 0.02 for row in steps['decode'])
+    assert len(json.loads((out / 'train_results.json').read_text())['runs']) == 4
+    readme = tmp_path / 'README.md'  # the report goes into the README by the script, between its markers
+    readme.write_text(f"# x\n{gpu_check.START}\nSTALE\n{gpu_check.END}\nrest\n")
+    gpu_check.write_readme_section(gpu_check.report(out), readme)
+    text = readme.read_text()
+    assert "STALE" not in text and '| dar | fused |' in text and text.endswith(f"{gpu_check.END}\nrest\n")

@@ -1,0 +1,264 @@
+"""
+The Python half of gpu_check.sh (read that first), in two parts:
+
+    python gpu_check.py steps OUT [--dry]      # -> OUT/steps.json
+    python gpu_check.py report OUT [--readme]  # -> OUT/summary.md (--readme: also README.md's GPU section)
+
+steps: for each regime x attention path, one bf16-autocast training step at the pythia-70m shape
+(T=2048, batch 8; on CUDA with PyTorch's math attention kernel excluded): time, peak memory, ops
+dispatched (on a GPU about one kernel launch each), host syncs, and the attention's error against
+`naive`; then cached decoding against the full forward, with the dynamic cache, the static one, and
+the static one compiled. --dry: the same at tiny sizes on the CPU (the test suite runs it).
+"""
+
+import contextlib
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from model import ATTENTION, GPT, REGIMES, GPTConfig, regime_settings
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the ops that run (eager, on a GPU, about one kernel launch each) and names those that make
+    the host wait for the device, which on a GPU drains the queue of launched kernels."""
+    SYNCING = ('_local_scalar_dense', 'nonzero', 'masked_select', 'is_nonzero', 'equal', 'allclose', '_unique2')
+
+    def __init__(self):
+        super().__init__()
+        self.ops, self.syncs = 0, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += 1
+        if func.overloadpacket.__name__ in self.SYNCING:
+            self.syncs.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def sizes(dry):
+    """(device, model shape, T, batch, W, r)."""
+    if dry:
+        return 'cpu', dict(name='tiny', n_layer=1, n_head=2, n_embd=32), 40, 1, 16, 4
+    return 'cuda', dict(name='pythia-70m'), 2048, 8, 256, 16
+
+
+def build(shape, **settings):
+    torch.manual_seed(0)
+    return GPT(GPTConfig.from_preset(**shape, **settings))
+
+
+def sync(device):
+    if device == 'cuda':
+        torch.cuda.synchronize()
+
+
+def attention_error(impl, regime, device, T, B, W, r):
+    """Largest error of impl's output and q, k, v gradients against naive in float32, relative to the largest
+    reference value, on bf16 inputs at the pythia-70m head shape."""
+    window, rank = regime_settings(regime, W, r)
+    window = None if regime == 'full' else window
+    g = torch.Generator(device='cpu').manual_seed(0)
+    H, d = (2, 16) if device == 'cpu' else (8, 64)
+    q, k, v = (torch.randn(B, H, T, d, generator=g).to(device, torch.bfloat16) for _ in range(3))
+    maps = None
+    if rank:
+        down = torch.linalg.qr(torch.randn(H, d, rank, generator=g))[0]
+        maps = tuple(t.to(device, torch.bfloat16) for t in (down, down.transpose(-2, -1), down, down.transpose(-2, -1)))
+    dout = torch.randn(B, H, T, d, generator=g).to(device, torch.bfloat16)
+
+    def out_and_grads(fn, dtype):
+        leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+        out = fn(*leaves, window, None if maps is None else tuple(m.to(dtype) for m in maps))
+        out.backward(dout.to(dtype))
+        return [out.detach().float()] + [t.grad.float() for t in leaves]
+
+    errors = [(a - b).abs().max() / b.abs().max() for a, b in
+              zip(out_and_grads(ATTENTION[impl], torch.bfloat16), out_and_grads(ATTENTION['naive'], torch.float32))]
+    return max(errors).item()
+
+
+def failed(row, error):
+    """A first GPU run: what broke is noted in its row, and the rest still runs."""
+    print(f"FAILED {row}: {type(error).__name__}: {error}", flush=True)
+    return {**row, 'error': f"{type(error).__name__}: {error}"[:800]}
+
+
+def training_step(regime, impl, dry):
+    device, shape, T, B, W, r = sizes(dry)
+    window, rank = regime_settings(regime, W, r)
+    m = build(shape, dar_window=window, dar_rank=rank, attn_impl=impl).to(device)
+    idx = torch.randint(0, m.config.vocab_size, (B, T), device=device)
+
+    def step():
+        m.zero_grad(set_to_none=True)
+        with torch.autocast(device, torch.bfloat16):
+            loss = m(idx, idx)[1]
+        loss.backward()
+
+    step()  # warm-up
+    times = []
+    for _ in range(1 if dry else 3):
+        sync(device)
+        t0 = time.perf_counter()
+        step()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    peak = None
+    if device == 'cuda':
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        peak = torch.cuda.max_memory_allocated()
+    with OpCounter() as counter:
+        step()
+    return dict(step_s=statistics.median(times), peak_bytes=peak, ops=counter.ops, host_syncs=counter.syncs,
+                error_vs_naive=attention_error(impl, regime, device, T, B if dry else 2, W, r))
+
+
+def training_steps(dry):
+    rows = []
+    for regime in REGIMES:
+        for impl in ('sdpa', 'fused'):
+            row = dict(regime=regime, impl=impl)
+            try:
+                rows.append({**row, **training_step(regime, impl, dry)})
+            except Exception as e:
+                rows.append(failed(row, e))
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+@torch.no_grad()
+def decode_error(m, idx, n_prompt, kind, device):
+    """Largest logit error / largest logit of a prompt and then decode steps from a cache, against one full
+    forward, under bf16 autocast."""
+    B, n = idx.shape
+    with torch.autocast(device, torch.bfloat16):
+        ref = m(idx)[0].float()
+        cache = m.new_cache(B, n, static=kind != 'dynamic')
+        step = m
+        if kind == 'static compiled':  # on CUDA: CUDA graphs of the eager kernels
+            torch._dynamo.reset()
+            step = torch.compile(m, fullgraph=True, dynamic=False,
+                                 backend='cudagraphs' if device == 'cuda' else 'aot_eager')
+        got = [m(idx[:, :n_prompt], cache=cache)[0].float()]
+        got += [step(idx[:, t:t + 1], cache=cache)[0].float() for t in range(n_prompt, n)]
+    return ((torch.cat(got, 1) - ref).abs().max() / ref.abs().max()).item()
+
+
+def decode_checks(dry):
+    device, shape, T, B, W, r = sizes(dry)
+    rows = []
+    for regime in REGIMES:  # two layers: the second reads what the first wrote into the cache
+        window, rank = regime_settings(regime, W, r)
+        m = build({**shape, 'n_layer': 2}, dar_window=window, dar_rank=rank).to(device).eval()
+        idx = torch.randint(0, m.config.vocab_size, (B, W + 29), device=device)
+        for kind in ('dynamic', 'static', 'static compiled'):  # the prompt ends past the window, the steps go on
+            row = dict(regime=regime, cache=kind)
+            try:
+                rows.append({**row, 'relative_error': decode_error(m, idx, W + 5, kind, device)})
+            except Exception as e:
+                rows.append(failed(row, e))
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def run_steps(out, dry):
+    device = sizes(dry)[0]
+    if device == 'cuda' and not torch.cuda.is_available():
+        raise SystemExit("gpu_check.py steps: no CUDA device here; --dry runs the same steps on the CPU")
+    backend = torch.nn.attention.SDPBackend
+    no_math = [backend.FLASH_ATTENTION, backend.EFFICIENT_ATTENTION, backend.CUDNN_ATTENTION]
+    with torch.nn.attention.sdpa_kernel(no_math) if device == 'cuda' else contextlib.nullcontext():
+        result = dict(machine=torch.cuda.get_device_name() if device == 'cuda' else 'CPU (dry run)',
+                      torch=torch.__version__, training_steps=training_steps(dry), decode=decode_checks(dry))
+    with open(os.path.join(out, 'steps.json'), 'w') as f:
+        json.dump(result, f, indent=1)
+
+
+def load(out, name):
+    path = os.path.join(out, name)
+    return json.load(open(path)) if os.path.exists(path) else None
+
+
+def report(out):
+    """The markdown of what OUT holds: the README's GPU section is this, written by this script."""
+    lines = []
+    steps = load(out, 'steps.json')
+    tests = open(os.path.join(out, 'tests.txt')).read().strip().splitlines() if os.path.exists(
+        os.path.join(out, 'tests.txt')) else []
+    if steps:
+        lines += [f"Machine: {steps['machine']}, torch {steps['torch']}; command: `./gpu_check.sh` "
+                  f"(output folder `{os.path.basename(os.path.normpath(out))}`).", '']
+    if tests:
+        lines += [f"Test suite on this machine: `{tests[-1]}`", '']
+    if steps:
+        lines += ['One training step (bf16 autocast; pythia-70m shape, T=2048, batch 8 on CUDA), and the '
+                  'attention against `naive` (float32):', '',
+                  '| regime | path | step ms | peak MiB | ops | host syncs | error vs naive |',
+                  '|---|---|---|---|---|---|---|']
+        for s in steps['training_steps']:
+            if 'error' in s:
+                lines.append(f"| {s['regime']} | {s['impl']} | failed: {s['error'][:200]} | | | | |")
+                continue
+            peak = '-' if s['peak_bytes'] is None else f"{s['peak_bytes'] / 2**20:.0f}"
+            lines.append(f"| {s['regime']} | {s['impl']} | {s['step_s'] * 1000:.1f} | {peak} | {s['ops']} | "
+                         f"{len(s['host_syncs'])} | {s['error_vs_naive']:.1e} |")
+        lines += ['', 'Cached decoding against the full forward (largest logit error / largest logit):', '',
+                  '| regime | ' + ' | '.join(dict.fromkeys(d['cache'] for d in steps['decode'])) + ' |',
+                  '|---|---|---|---|']
+        for regime in dict.fromkeys(d['regime'] for d in steps['decode']):
+            lines.append(f'| {regime} | ' + ' | '.join(f"{d['relative_error']:.1e}" if 'error' not in d else
+                                                        f"failed: {d['error'][:120]}"
+                                                        for d in steps['decode'] if d['regime'] == regime) + ' |')
+    for name, title in (('decode_eager.json', 'eager'), ('decode_graphs.json', 'CUDA graphs')):
+        bench = load(out, name)
+        if bench:
+            lines += ['', f"Decode ({title}), `bench.py --section=decode`, {bench['dtype']}, "
+                          f"W={bench['dar_window']}, r={bench['dar_rank']}:", '',
+                      '| batch | context | case | decode tok/s | x full | KV MiB |', '|---|---|---|---|---|---|']
+            lines += [f"| {r['batch']} | {r['context']} | {r['case']} | {r['decode_tok_s']:.0f} | "
+                      f"{r['decode_vs_full']:.2f} | {r['kv_bytes'] / 2**20:.0f} |" for r in bench['rows']]
+            lines += [f"| budget {bench['kv_budget_gib']} GiB: {r['batch']} | {bench['budget_context']} | {r['case']} | "
+                      f"{r['decode_tok_s']:.0f} | {r['decode_vs_full']:.2f} | {r['kv_bytes'] / 2**20:.0f} |"
+                      for r in bench['budget_rows']]
+    train = load(out, 'train_results.json')
+    if train:
+        lines += ['', 'The four regimes, trained briefly (one seed; `compare.py` settings in log.txt):', '',
+                  '| run | val loss | copy drop | tokens/s |', '|---|---|---|---|']
+        for r in train['runs']:
+            lines.append(f"| {r['name']} | {r['val_loss']:.4f} | {r.get('copy_loss_drop', float('nan')):.4f} | "
+                         f"{r['tokens_per_sec'] or 0:,.0f} |")
+    return '\n'.join(lines) + '\n'
+
+
+START, END = '<!-- gpu-check: written by `python gpu_check.py report OUT --readme` -->', '<!-- gpu-check end -->'
+
+
+def write_readme_section(markdown, readme='README.md'):
+    text = open(readme, encoding='utf-8').read()
+    if START not in text or END not in text:
+        raise SystemExit(f"{readme} has no GPU section markers ({START} ... {END}) to write between")
+    head, rest = text.split(START, 1)
+    with open(readme, 'w', encoding='utf-8') as f:
+        f.write(head + START + '\n' + markdown + END + rest.split(END, 1)[1])
+
+
+if __name__ == '__main__':
+    if len(sys.argv) < 3 or sys.argv[1] not in ('steps', 'report'):
+        raise SystemExit(__doc__)
+    out = sys.argv[2]
+    os.makedirs(out, exist_ok=True)
+    if sys.argv[1] == 'steps':
+        run_steps(out, dry='--dry' in sys.argv)
+    else:
+        markdown = report(out)
+        with open(os.path.join(out, 'summary.md'), 'w', encoding='utf-8') as f:
+            f.write(markdown)
+        if '--readme' in sys.argv:
+            write_readme_section(markdown)
+        print(markdown)

