@@ -9,12 +9,11 @@ Per head (head dim d, latent rank r, window W), with q, k, v after the rotary em
     where a_j = k_j A and b_j = v_j C are r-dim latents (A, C: d x r down, U, V: r x d up),
     and one softmax runs over L(i) u D(i).
 
-A distant token is only ever read as its latent (a_j, b_j): 2r numbers per head instead of 2d;
-the up maps meet the query and the weighted latent sum, never a cached token. Full attention,
-uniform reduction and local-only are settings of the same block (regime_settings). Attention paths,
-exact and interchangeable: naive (the reference), sdpa, fused (blockwise, flash-style backward) and
-the absorbed decode step of the KV cache. Reading order: config -> the local/distant rule ->
-attention -> DARAttention -> MLP, Block -> GPT -> KVCache -> the fused path. Retrofit: retrofit.py.
+A distant token is only ever read as its latent (a_j, b_j): 2r numbers per head instead of 2d; the up
+maps meet the query and the weighted latent sum, never a cached token. Full attention, uniform reduction
+and local-only are settings of the same block (regime_settings). Exact, interchangeable attention paths:
+naive (the reference), sdpa, fused (blockwise, flash-style backward), the KV cache's absorbed decode step.
+Reading order: config, the local/distant rule, attention, DARAttention, Block, GPT, KVCache, the fused path.
 """
 
 import math
@@ -105,9 +104,7 @@ class GPTConfig:
             return 'local'
         return 'uniform' if self.dar_window == 0 else 'dar'
 
-    @property
-    def window(self):  # None: unbounded
-        return None if self.regime == 'full' else self.dar_window
+    window = property(lambda self: None if self.regime == 'full' else self.dar_window)  # None: unbounded
 
     has_latents = property(lambda self: self.regime in ('dar', 'uniform'))
 
@@ -175,8 +172,7 @@ def decode_attention(q, view, up_k, up_v):
         scores = torch.cat([scores, (q_latent @ view.a.transpose(-2, -1)).float()], -1)  # ... (q U^T) . a_j
     if view.mask is not None:
         scores = scores + view.mask
-    p = torch.softmax(scores, -1).to(view.v.dtype)  # one softmax over both sets
-    n_near = view.k.shape[-2]
+    p, n_near = torch.softmax(scores, -1).to(view.v.dtype), view.k.shape[-2]  # one softmax over both sets
     out = p[..., :n_near] @ view.v  # sum_j p_j v_j
     if view.a is not None:
         out = out + (p[..., n_near:] @ view.b) @ up_v  # (sum_j p_j b_j) V
@@ -332,10 +328,8 @@ class GPT(nn.Module):
 
     def get_num_params(self, non_embedding=True):
         """non_embedding leaves out the token embedding and the output layer, as Pythia's counts do."""
-        n = sum(p.numel() for p in self.parameters())
-        if non_embedding:
-            n -= self.transformer.wte.weight.numel() + (not self.config.tie_embeddings) * self.lm_head.weight.numel()
-        return n
+        embeddings = {id(p): p.numel() for p in (self.transformer.wte.weight, self.lm_head.weight)}  # tied: once
+        return sum(p.numel() for p in self.parameters()) - non_embedding * sum(embeddings.values())
 
     def hidden_states(self, idx, cache=None):
         """The final-layer-normed states (B, T, C) of idx (B, T), with a cache continuing its sequence."""
@@ -344,8 +338,7 @@ class GPT(nn.Module):
             raise ValueError(f"length {T} exceeds block_size {self.config.block_size}: crop it, or use a KV cache")
         pos = torch.arange(T, device=idx.device) if cache is None else cache.begin(idx, self.compute_dtype(idx.device))
         cos, sin = rotary_cos_sin(pos, self.rot_dim, self.config.rotary_base)
-        x = self.transformer.drop(self.transformer.wte(idx))
-        ran = False
+        x, ran = self.transformer.drop(self.transformer.wte(idx)), False
         try:
             for block in self.transformer.h:
                 x = block(x, cos, sin, cache)
@@ -411,46 +404,42 @@ class GPT(nn.Module):
         cache, out = self.new_cache(B, T + max_new_tokens, device=idx.device), [idx]
         for _ in range(max_new_tokens):
             x = sample_next(self.lm_head(self.hidden_states(x, cache)[:, -1]), temperature, top_k, top_p)[:, None]
-            if eos_token is not None:
+            if eos_token is not None:  # (done.all() waits for the device: only where it can be true)
                 x = x.masked_fill(done[:, None], eos_token)
                 done |= x[:, 0] == eos_token
             out.append(x)
-            if done.all():
+            if eos_token is not None and done.all():
                 break
         return torch.cat(out, dim=1)
 
 
 # ---- KV cache
 
-# A step, planned once for all layers: new tokens at [start, start + n), the last written to ring_slots,
-# the first to latent_slots; older_slots (or None): older tokens a chunk reads in full dims, in position order; a decode step
-# reads ring slots [0, held), latents [0, n_far) and (static) adds mask to its scores.
+# A step, planned once for all layers: new tokens at [start, start + n) go to ring_slots (the last ones) and
+# latent_slots (the first); a chunk also reads older_slots (or None) in full dims. A decode step reads ring
+# slots [0, held) and latents [0, n_far), and (static) adds mask to its scores.
 CacheStep = namedtuple('CacheStep', 'start n ring_slots older_slots latent_slots held n_far mask')
-# What a layer reads. A decode step's k is its window (ring order), mask 0 / -inf over [k | a] if static;
-# a chunk's k is in position order, ending with the chunk; its attention masks by distance.
-CacheView = namedtuple('CacheView', 'k v a b mask')
+CacheView = namedtuple('CacheView', 'k v a b mask')  # what a layer reads: a chunk's k ends with the chunk
 
 
 class KVCache:
     """Preallocated DAR KV cache. It only stores: `update` writes a layer's new keys and values and
     hands back what that layer reads; the attention attends. Per layer: a ring of the last W keys and
-    values in full dims (B, H, W, d) and latents (a, b) (B, H, max_seq_len - W, r), stored transposed
-    (a decode step reads r-long rows), each computed when its token is written, so a ring slot can
-    be overwritten at any time. Full attention: a ring of max_seq_len; local-only: no latents.
-
-    A step: begin() (checks, plans), update() per layer, end_step(). A decode step that raised can be run
-    again; a chunk that raised may have overwritten ring slots it reads, so the cache then refuses
-    input until reset(). static: a decode step reads every slot, masking unwritten ones, so each step
-    has one shape and compiles (CUDA graphs need this)."""
+    values in full dims (B, H, W, d) and latents (a, b) (B, H, max_seq_len - W, r), stored transposed,
+    each computed when its token is written, so a ring slot can be overwritten at any time. Full
+    attention: a ring of max_seq_len; local-only: no latents. A step: begin() (checks, plans), update()
+    per layer, end_step(). A decode step that raised can be run again; a chunk that raised may have
+    overwritten ring slots it reads, so the cache then refuses input until reset(). static: a decode step
+    reads every slot, masking unwritten ones, and takes its position as a tensor, so every step is one
+    graph (compiled, replayed as a CUDA graph)."""
 
     prefill_block = 256  # query block of a chunk: scores are (B, H, block, context) at a time
 
     def __init__(self, config, batch_size, max_seq_len, device, dtype, static=False):
         if max_seq_len <= 0 or batch_size <= 0:
             raise ValueError(f"batch_size and max_seq_len must be positive, got {batch_size}, {max_seq_len}")
-        self.window, self.static = config.window, static
+        self.window, self.static, self.step, self.broken = config.window, static, None, False
         self.batch_size, self.max_seq_len, self.dtype = batch_size, max_seq_len, dtype
-        self.step, self.broken = None, False
         layers, B, H, d, r = config.n_layer, batch_size, config.n_head, config.head_dim, config.dar_rank
         self.ring_size = max_seq_len if self.window is None else min(self.window, max_seq_len)
         self.k, self.v = (torch.zeros(layers, B, H, self.ring_size, d, device=device, dtype=dtype) for _ in 'kv')
@@ -460,9 +449,8 @@ class KVCache:
             shape = (layers, B, H, r, max_seq_len - (not static) * self.window)
             self.a, self.b = (torch.zeros(shape, device=device, dtype=dtype).transpose(-2, -1) for _ in 'ab')
         self.n_cached, self.pos = 0, torch.zeros(1, dtype=torch.long, device=device)  # static: counted in pos
-        for t in (self.k, self.v, self.a, self.b, self.pos) if static else ():
-            if t is not None:  # written in place by a replayed CUDA graph: kept at its address, never copied
-                torch._dynamo.mark_static_address(t)
+        for t in [t for t in (self.k, self.v, self.a, self.b, self.pos) if static and t is not None]:
+            torch._dynamo.mark_static_address(t)  # written in place by a replayed CUDA graph: never copied
 
     nbytes = lambda self: sum(t.numel() * t.element_size() for t in (self.k, self.v, self.a, self.b) if t is not None)
     length = property(lambda self: int(self.pos) if self.static else self.n_cached)  # tokens cached
@@ -473,10 +461,9 @@ class KVCache:
 
     def begin(self, idx, dtype):
         """Checks the next chunk idx (B, n) (activations in dtype) and plans its step; returns its positions."""
-        (B, n), S = idx.shape, self.ring_size
+        (B, n), S, n_latents = idx.shape, self.ring_size, 0 if self.a is None else self.a.shape[-2]
         on_device = self.static and n == 1  # a static decode step reads no host number: one graph for all steps
         start = None if on_device else self.length
-        same_device = (idx.device.type, idx.device.index or 0) == (self.device.type, self.device.index or 0)
         for bad, message in (
                 (self.broken, "a chunk raised partway and left this cache half written: call cache.reset()"),
                 (torch.is_grad_enabled(), "the KV cache is written in place, so autograd cannot run through it: "
@@ -484,16 +471,14 @@ class KVCache:
                 (dtype != self.dtype, f"the model computes in {dtype}, the cache holds {self.dtype}: make it with "
                                       "model.new_cache(..., dtype=...) or under the autocast you decode with"),
                 (B != self.batch_size, f"batch size {B}, the cache's {self.batch_size}: new_cache(batch_size=...)"),
-                (not same_device, f"input is on {idx.device}, the cache is on {self.device}: move one of them"),
+                (idx.device != self.device, f"input is on {idx.device}, the cache on {self.device}: move one"),
                 (not on_device and start + n > self.max_seq_len, f"{start} cached + {n} new tokens exceed the "
                  f"cache's max_seq_len {self.max_seq_len}: make a larger cache, or cache.reset()")):
             if bad:
                 raise ValueError(message)
-        n_latents = 0 if self.a is None else self.a.shape[-2]
         if on_device:  # read every slot, mask what is not written yet; the position is a tensor
-            pos = self.pos
-            torch._assert_async(pos[0] < self.max_seq_len, f"a static cache step past its max_seq_len "
-                                f"{self.max_seq_len}: make a larger cache, or cache.reset()")
+            pos, past = self.pos, f"a static cache step past its max_seq_len {self.max_seq_len}: make a larger cache"
+            torch._assert_async(pos[0] < self.max_seq_len, past)  # checked on the device, raised at a sync
             slot = torch.arange(S + n_latents, device=self.device)
             written = torch.where(slot < S, slot <= pos, slot - S < first_local(pos, self.window))
             mask = torch.zeros(len(slot), device=self.device).masked_fill(~written, -math.inf)
@@ -510,8 +495,7 @@ class KVCache:
 
     def update(self, layer, k, v, maps):
         """Writes a layer's new keys and values (B, H, n, d) and their latents; returns its CacheView."""
-        st, ring_k, ring_v = self.step, self.k[layer], self.v[layer]
-        new_k, new_v = k, v
+        st, ring_k, ring_v, new_k, new_v = self.step, self.k[layer], self.v[layer], k, v
         if st.older_slots is not None:  # gathered before the writes below can overwrite them
             k = torch.cat([ring_k.index_select(2, st.older_slots), k], 2)
             v = torch.cat([ring_v.index_select(2, st.older_slots), v], 2)
@@ -523,13 +507,13 @@ class KVCache:
         ring_k.index_copy_(2, st.ring_slots, new_k[:, :, st.n - m:])
         ring_v.index_copy_(2, st.ring_slots, new_v[:, :, st.n - m:])
         a, b = (None if t is None else t[layer][:, :, :st.n_far] for t in (self.a, self.b))
-        if st.n > 1:
+        if st.n > 1:  # a chunk: its keys in position order; a decode step: the ring's written slots
             return CacheView(k, v, a, b, None)
         return CacheView(ring_k[:, :, :st.held], ring_v[:, :, :st.held], a, b, st.mask)
 
     def end_step(self, ran):  # keeps a step that ran; of one that raised nothing (a chunk may break the ring)
         st, self.step = self.step, None
-        if self.static:
+        if self.static:  # counted on the device: a compiled step reads no host number
             self.pos += st.n * ran
         else:
             self.n_cached += st.n * ran

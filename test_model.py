@@ -491,7 +491,7 @@ def test_cache_errors_are_clear():
         with pytest.raises(RuntimeError, match='past its max_seq_len 20'):
             m(torch.zeros(2, 1, dtype=torch.long), cache=static)
         meta_cache = KVCache(m.config, 2, 20, device='meta', dtype=torch.float32)
-        with pytest.raises(ValueError, match='cache is on meta'):
+        with pytest.raises(ValueError, match='the cache on meta'):
             m(torch.zeros(2, 1, dtype=torch.long), cache=meta_cache)
 
 
