@@ -23,7 +23,7 @@ import time
 import torch
 
 from configurator import check_device, configure
-from cpu_matvec import use_matvec
+from cpu_matvec import reuse_freed_memory, use_matvec
 from model import GPT, GPTConfig, regime_settings
 
 section = 'all'  # 'train', 'decode' or 'all'
@@ -110,7 +110,10 @@ def build(window, rank, impl='auto', block_size=None):
     if block_size:
         overrides['block_size'] = block_size
     model = GPT(GPTConfig.from_preset(preset, **overrides)).to(device=device, dtype=getattr(torch, dtype))
-    return use_matvec(model) if device == 'cpu' else model  # faster CPU decode steps, the same math
+    if device == 'cpu':  # faster CPU decode steps, the same math
+        reuse_freed_memory()
+        use_matvec(model)
+    return model
 
 
 def machine():

@@ -1,12 +1,19 @@
 """
-An opt-in for decoding on CPU in float32 (sample.py and bench.py apply it there): nn.Linear's
-matrix-vector products as one batched product over row blocks of the weight. For 1 to 8 input rows
-PyTorch's CPU F.linear reads a weight at a fraction of the memory bandwidth; the blocked product
-reads it several times faster (measured: docs/benchmarks.md). The math is F.linear's; training
-(many rows), GPUs, bf16 and autocast take F.linear.
+Opt-ins for decoding on CPU (sample.py and bench.py apply them there), measured in docs/benchmarks.md:
 
-    model = use_matvec(GPT(config))
+use_matvec(model): nn.Linear's matrix-vector products in float32 as one batched product over row blocks
+of the weight. For 1 to 8 input rows PyTorch's CPU F.linear reads a weight at a fraction of the memory
+bandwidth; the blocked product reads it several times faster. The math is F.linear's; training (many
+rows), GPUs, bf16 and autocast take F.linear.
+
+reuse_freed_memory(): glibc hands large freed blocks back to the OS, so a decode step's score-sized
+temporaries (MBs at 32k context) come back as fresh pages that fault in on every step; this keeps them
+in the process for reuse (as jemalloc or tcmalloc would).
+
+    model = use_matvec(GPT(config)); reuse_freed_memory()
 """
+import ctypes
+import ctypes.util
 import math
 
 import torch
@@ -35,3 +42,12 @@ def use_matvec(model):
         if type(module) is nn.Linear:
             module.__class__ = MatvecLinear
     return model
+
+
+def reuse_freed_memory(limit=2**30):
+    """glibc only (elsewhere a no-op): blocks up to limit bytes come from the heap and stay there when freed."""
+    libc = ctypes.util.find_library('c')
+    mallopt = getattr(ctypes.CDLL(libc), 'mallopt', None) if libc else None
+    if mallopt is not None:
+        mallopt(-1, limit)  # M_TRIM_THRESHOLD: keep this much free memory at the heap's top
+        mallopt(-3, limit)  # M_MMAP_THRESHOLD: no fresh mmap for blocks below it

@@ -16,7 +16,7 @@ import time
 import torch
 
 from configurator import check_device, configure
-from cpu_matvec import use_matvec
+from cpu_matvec import reuse_freed_memory, use_matvec
 from model import GPT, GPTConfig
 from prepare import load_tokenizer
 from sampling import check_sampling
@@ -77,6 +77,7 @@ else:
 model.eval().to(device=device, dtype=getattr(torch, dtype))
 if device == 'cpu' and dtype == 'float32':
     use_matvec(model)  # faster CPU decode steps, the same math
+    reuse_freed_memory()
 print(f"{model.config.regime} attention, {model.get_num_params() / 1e6:.2f}M non-embedding parameters")
 
 meta_path = dataset if os.path.isabs(dataset) else os.path.join('data', dataset)

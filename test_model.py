@@ -571,12 +571,16 @@ def test_generate_names_a_bad_prompt(prompt):
         make_model('dar').eval().generate(prompt, 2)
 
 
-def test_the_readme_api_snippet_runs_as_written():
+def test_the_readme_api_snippet_runs_as_written(monkeypatch):
     readme = open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'README.md'), encoding='utf-8').read()
     snippet = readme.split('## Model and cache API', 1)[1].split('```python\n', 1)[1].split('```', 1)[0]
+    compile_ = torch.compile  # traced as inductor would trace it, without its minutes of code generation
+    monkeypatch.setattr(torch, 'compile', lambda model, **kw: compile_(model, backend='aot_eager', **kw))
+    torch._dynamo.reset()
     namespace = {}
     exec(compile(snippet, 'README.md', 'exec'), namespace)
     assert namespace['out'].shape == (2, 340) and namespace['cache'].length == 0
+    assert namespace['static'].length == 321
 
 
 @pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
