@@ -47,7 +47,7 @@ else
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
   stage "test suite"
-  timeout 180 python3 -m pytest -q -x -n 8 -p no:cacheprovider > "$out/tests.txt" 2>&1
+  timeout 180 python3 -m pytest -q -n 8 -p no:cacheprovider > "$out/tests.txt" 2>&1
   echo "exit $?"; tail -n 5 "$out/tests.txt"
 fi
 
