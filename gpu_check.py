@@ -4,7 +4,7 @@ The Python half of gpu_check.sh (read that first), in two parts:
     python gpu_check.py steps OUT [--dry]      # -> OUT/steps.json
     python gpu_check.py report OUT [--readme]  # -> OUT/summary.md (--readme: also README.md's GPU section)
 
-steps: for each regime x attention path, one bf16-autocast training step at the pythia-70m shape
+steps: for each regime x attention path (sdpa, fused, flex), one bf16-autocast training step at the pythia-70m shape
 (T=2048, batch 8; on CUDA with PyTorch's math attention kernel excluded): time, peak memory, ops
 dispatched (on a GPU about one kernel launch each), host syncs, and the attention's error against
 `naive`; then cached decoding against the full forward, with the dynamic cache, the static one, and
@@ -122,7 +122,7 @@ def training_step(regime, impl, dry):
 def training_steps(dry):
     rows = []
     for regime in REGIMES:
-        for impl in ('sdpa', 'fused'):
+        for impl in ('sdpa', 'fused') if dry else ('sdpa', 'fused', 'flex'):  # flex: no backward on the CPU
             row = dict(regime=regime, impl=impl)
             try:
                 rows.append({**row, **training_step(regime, impl, dry)})

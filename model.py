@@ -30,7 +30,7 @@ from sampling import check_sampling, sample_next
 
 # ---- Configuration
 
-ATTN_IMPLS = ('auto', 'sdpa', 'fused', 'naive')
+ATTN_IMPLS = ('auto', 'sdpa', 'fused', 'naive', 'flex')
 DAR_MAPS = ('free', 'tied')
 REGIMES = ('full', 'dar', 'uniform', 'local')
 
@@ -183,7 +183,8 @@ def fused_attention(q, k, v, window, maps, block=None):
     return FusedDARAttention.apply(q, k, v, *(maps or (None,) * 4), window, block or FUSED_BLOCK)
 
 
-ATTENTION = {'naive': naive_attention, 'sdpa': sdpa_attention, 'fused': fused_attention}
+ATTENTION = {'naive': naive_attention, 'sdpa': sdpa_attention, 'fused': fused_attention,
+             'flex': lambda *args: __import__('flex').dar_attention(*args)}  # block-sparse, for GPUs: flex.py
 
 
 def resolve_attn_impl(config, T, device):
@@ -198,8 +199,7 @@ def resolve_attn_impl(config, T, device):
 
 def rotary_cos_sin(positions, rot_dim, base):
     inv_freq = 1.0 / (base ** (torch.arange(0, rot_dim, 2, device=positions.device).float() / rot_dim))
-    freqs = positions.float()[:, None] * inv_freq[None, :]
-    emb = torch.cat([freqs, freqs], dim=-1)
+    emb = (positions.float()[:, None] * inv_freq[None, :]).repeat(1, 2)  # (T, rot): the frequencies twice
     return emb.cos(), emb.sin()
 
 

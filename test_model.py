@@ -79,6 +79,21 @@ def test_paths_agree_forward_and_backward(regime, T):
         assert ref_grads['transformer.h.0.attn.up_k'].abs().max() > 0
 
 
+@pytest.mark.filterwarnings('ignore:.*flex_attention called without torch.compile')  # the CPU's unfused path
+@pytest.mark.parametrize('regime', list(REGIMES))
+def test_flex_path_forward_equals_naive(regime):
+    # FlexAttention's block-mask path (flex.py); PyTorch has no CPU backward for it, so its backward
+    # and its speed are gpu_check.sh's to measure.
+    m = make_model(regime).eval()
+    with torch.no_grad():
+        for T in (W - 1, W, W + 1, 43):
+            idx = torch.randint(0, 97, (2, T), generator=torch.Generator().manual_seed(T))
+            m.config.attn_impl = 'naive'
+            ref = m(idx)[0]
+            m.config.attn_impl = 'flex'
+            assert rel_err(m(idx)[0], ref) < 1e-5, T
+
+
 def test_tied_maps_paths_agree_and_train_the_down_map():
     m = make_model('dar', dar_maps='tied')
     assert not hasattr(m.transformer.h[0].attn, 'up_k')
