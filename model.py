@@ -482,7 +482,7 @@ class KVCache:
             slot = torch.arange(S + n_latents, device=self.device)
             written = torch.where(slot < S, slot <= pos, slot - S < first_local(pos, self.window))
             mask = torch.zeros(len(slot), device=self.device).masked_fill(~written, -math.inf)
-            self.step = CacheStep(pos, 1, pos % max(S, 1) if S else pos[:0], None, pos[:n_latents], S, n_latents, mask)
+            self.step = CacheStep(pos, 1, pos % S if S else pos[:0], None, pos[:n_latents], S, n_latents, mask)
             return pos
         slots = lambda lo, hi: torch.arange(lo, hi, device=self.device) % max(S, 1)
         n_older = 0 if n == 1 else min(start, S if self.window is None else max(0, self.window - 1))
