@@ -406,7 +406,8 @@ def plot_curves(results, names):
     ax_diff.axhline(0, color='gray', linewidth=0.8)
     for axis in (ax, ax_diff):
         axis.set_xlabel('iteration')
-        axis.legend(fontsize=8)
+        if axis.get_legend_handles_labels()[0]:  # the difference panel is empty without a full-attention run
+            axis.legend(fontsize=8)
         axis.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(os.path.join(out_dir, 'val_loss.png'), dpi=120)
