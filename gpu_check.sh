@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The first run on a GPU, as one command on a fresh machine without network (<= 8 minutes on one H200):
 #
-#   python prepare.py --out_dir=data/plays_50304 --vocab_size=50304   # beforehand, on any machine (2.6 MB)
+#   python prepare.py --out_dir=data/plays_50304 --vocab_size=50304   # beforehand, on any machine (3 MB)
 #   ./gpu_check.sh data/plays_50304 gpu-check                          # on the GPU machine
 #   python gpu_check.py report gpu-check --readme                      # back here: README's GPU section
 #
