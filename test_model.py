@@ -8,11 +8,11 @@ import warnings
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import cpu_matvec
 import model
 import sampling
+from gpu_check import OpCounter
 from conftest import run
 from model import GPT, GPTConfig, KVCache
 
@@ -624,41 +624,26 @@ def test_pythia_70m_shape_at_2048_on_the_meta_device(regime, dtype, monkeypatch)
         assert m(idx[:, :1], cache=m.new_cache(1, 2049, static=True))[0].shape == (1, 1, 50304)
 
 
-class HostSyncs(TorchDispatchMode):
-    """Records the ops that make the host wait for the device: on a GPU each one drains the queue of
-    launched kernels. On the CPU they cost nothing, so only a check like this one finds them."""
-    SYNCING = ('_local_scalar_dense', 'nonzero', 'masked_select', 'is_nonzero', 'equal', 'allclose', '_unique2')
-
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.overloadpacket.__name__ in self.SYNCING:
-            self.ops.append(func.overloadpacket.__name__)
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize('regime', list(REGIMES))
 def test_a_training_step_and_a_decode_step_make_no_host_sync(regime):
-    with HostSyncs() as control:
+    with OpCounter() as control:
         torch.ones(2).nonzero(), torch.ones(2).sum().item()  # the check sees them
-    assert control.ops == ['nonzero', '_local_scalar_dense']
+    assert control.syncs == ['nonzero', '_local_scalar_dense']
     m = make_model(regime)
     idx = torch.randint(0, 97, (2, 40), generator=torch.Generator().manual_seed(9))
     for impl in ('sdpa', 'fused'):
         m.config.attn_impl = impl
-        with HostSyncs() as syncs:  # what train.py runs on the device each step (its AdamW is fused on CUDA)
+        with OpCounter() as counter:  # what train.py runs on the device each step (its AdamW is fused on CUDA)
             m(idx, idx)[1].backward()
             torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
-        assert syncs.ops == [], impl
+        assert counter.syncs == [], impl
     with torch.no_grad():
         for static in (False, True):
             cache = m.new_cache(2, 40, static=static)
             m(idx[:, :W + 3], cache=cache)
-            with HostSyncs() as syncs:
+            with OpCounter() as counter:
                 m(idx[:, W + 3:W + 4], cache=cache)
-            assert syncs.ops == [], f'static={static}'
+            assert counter.syncs == [], f'static={static}'
 
 
 @pytest.mark.parametrize('impl', ['sdpa', 'fused'])

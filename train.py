@@ -391,22 +391,22 @@ while True:
     if iter_num % eval_interval == 0 or iter_num == max_iters:  # every process: a bad step stops them all
         n, _ = check_steps()
         train_time, train_iters = train_time + time.time() - t_mark, train_iters + n
-    if master and (iter_num % eval_interval == 0 or iter_num == max_iters):
-        losses = estimate_loss()
-        stop_unless_finite(iter_num, {'train loss': losses['train'], 'val loss': losses['val']})
-        best_val_loss = min(best_val_loss, losses['val'])
-        record = {'iter': iter_num, 'tokens': iter_num * tokens_per_iter,
-                  'train_loss': losses['train'], 'val_loss': losses['val'], 'lr': get_lr(iter_num)}
-        if train_iters:
-            record['tokens_per_sec'] = train_iters * tokens_per_iter / train_time
-        train_time, train_iters = 0.0, 0
-        print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-        with open(log_path, 'a', encoding='utf-8') as f:
-            f.write(json.dumps(record, allow_nan=False) + '\n')
-        # a resumed run's first eval is of its checkpoint; an untrained model is saved only over nothing
-        if iter_num != saved_iter and (iter_num > 0 or not os.path.exists(ckpt_path)):
-            save_checkpoint()
-    t_mark = time.time() if iter_num % eval_interval == 0 else t_mark
+        if master:
+            losses = estimate_loss()
+            stop_unless_finite(iter_num, {'train loss': losses['train'], 'val loss': losses['val']})
+            best_val_loss = min(best_val_loss, losses['val'])
+            record = {'iter': iter_num, 'tokens': iter_num * tokens_per_iter,
+                      'train_loss': losses['train'], 'val_loss': losses['val'], 'lr': get_lr(iter_num)}
+            if train_iters:
+                record['tokens_per_sec'] = train_iters * tokens_per_iter / train_time
+            train_time, train_iters = 0.0, 0
+            print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+            with open(log_path, 'a', encoding='utf-8') as f:
+                f.write(json.dumps(record, allow_nan=False) + '\n')
+            # a resumed run's first eval is of its checkpoint; an untrained model is saved only over nothing
+            if iter_num != saved_iter and (iter_num > 0 or not os.path.exists(ckpt_path)):
+                save_checkpoint()
+        t_mark = time.time()  # the eval is not training time
     if iter_num >= max_iters:
         break
 
