@@ -442,17 +442,18 @@ class KVCache:
         self.batch_size, self.max_seq_len, self.dtype = batch_size, max_seq_len, dtype
         layers, B, H, d, r = config.n_layer, batch_size, config.n_head, config.head_dim, config.dar_rank
         self.ring_size = max_seq_len if self.window is None else min(self.window, max_seq_len)
-        self.k, self.v = (torch.zeros(layers, B, H, self.ring_size, d, device=device, dtype=dtype) for _ in 'kv')
-        self.device = self.k.device  # 'cuda' means the current device: under DDP, this rank's
+        zeros = lambda *shape: [torch.zeros(shape, device=device, dtype=dtype) for _ in range(layers)]
+        self.k, self.v = zeros(B, H, self.ring_size, d), zeros(B, H, self.ring_size, d)
+        self.device = self.k[0].device  # 'cuda' means the current device: under DDP, this rank's
         self.a = self.b = None
         if config.has_latents and max_seq_len > self.window:  # static: a row per position, written by index
-            shape = (layers, B, H, r, max_seq_len - (not static) * self.window)
-            self.a, self.b = (torch.zeros(shape, device=device, dtype=dtype).transpose(-2, -1) for _ in 'ab')
+            n_latents = max_seq_len - (not static) * self.window
+            self.a, self.b = zeros(B, H, n_latents, r), zeros(B, H, n_latents, r)
         self.n_cached, self.pos = 0, torch.zeros(1, dtype=torch.long, device=device)  # static: counted in pos
-        for t in [t for t in (self.k, self.v, self.a, self.b, self.pos) if static and t is not None]:
+        for t in [t for t in (*self.k, *self.v, *(self.a or ()), *(self.b or ()), self.pos) if static]:
             torch._dynamo.mark_static_address(t)  # written in place by a replayed CUDA graph: never copied
 
-    nbytes = lambda self: sum(t.numel() * t.element_size() for t in (self.k, self.v, self.a, self.b) if t is not None)
+    nbytes = lambda self: sum(t.numel() * t.element_size() for t in (*self.k, *self.v, *(self.a or ()), *(self.b or ())))
     length = property(lambda self: int(self.pos) if self.static else self.n_cached)  # tokens cached
 
     def reset(self, length=0):  # stale entries are never read; length > 0: as if that many were (benchmarks)
@@ -461,7 +462,7 @@ class KVCache:
 
     def begin(self, idx, dtype):
         """Checks the next chunk idx (B, n) (activations in dtype) and plans its step; returns its positions."""
-        (B, n), S, n_latents = idx.shape, self.ring_size, 0 if self.a is None else self.a.shape[-2]
+        (B, n), S, n_latents = idx.shape, self.ring_size, 0 if self.a is None else self.a[0].shape[-2]
         on_device = self.static and n == 1  # a static decode step reads no host number: one graph for all steps
         start = None if on_device else self.length
         for bad, message in (
