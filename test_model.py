@@ -4,10 +4,12 @@ full-context forwards for the KV cache. Run: python -m pytest -q"""
 import contextlib
 import math
 import os
+import re
 import warnings
 
 import pytest
 import torch
+from torch._inductor.utils import run_and_get_code
 
 import cpu_matvec
 import model
@@ -345,7 +347,14 @@ def test_static_cache_decodes_with_one_shape(regime, monkeypatch):
     assert len(set(decode_views(m, m.new_cache(2, 3 * W), idx, monkeypatch))) > 1
 
 
-@pytest.mark.parametrize('regime, backend', [(r, 'aot_eager') for r in REGIMES] + [('dar', 'inductor')])
+def buffer_sizes(code):
+    """Elements of every buffer that inductor's generated code allocates."""
+    shapes = re.findall(r'empty_strided_\w+\(\(([\d, ]*)\)', code)
+    return [math.prod(int(n) for n in shape.split(',') if n.strip()) for shape in shapes]
+
+
+@pytest.mark.parametrize('regime, backend', [(r, 'aot_eager') for r in REGIMES] + [('dar', 'inductor'),
+                                                                                      ('full', 'inductor')])
 def test_the_whole_decode_step_compiles_once_and_equals_eager(regime, backend):
     # As in gpt-fast, a static cache takes the position as a tensor, so every decode step is one graph:
     # fullgraph (nothing runs on the host between kernels) and one compilation for 50 steps, which is
@@ -357,9 +366,15 @@ def test_the_whole_decode_step_compiles_once_and_equals_eager(regime, backend):
     step = torch.compile(m, fullgraph=True, dynamic=False, backend=backend)
     cache = m.new_cache(2, 60, static=True)
     with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=True):  # the steps cross the window
-        got = [m(idx[:, :5], cache=cache)[0]] + [step(idx[:, t:t + 1], cache=cache)[0] for t in range(5, 55)]
+        got = [m(idx[:, :5], cache=cache)[0]]
+        first, codes = run_and_get_code(step, idx[:, 5:6], cache=cache)
+        got += [first[0]] + [step(idx[:, t:t + 1], cache=cache)[0] for t in range(6, 55)]
     torch.testing.assert_close(torch.cat(got, 1), ref[:, :55], rtol=1e-5, atol=1e-5)
     assert cache.length == 55
+    # The step writes the cache in place. A write the compiler cannot do in place (through a view of a
+    # tensor holding every layer, say) becomes a copy of the whole tensor each step: a cache-sized buffer.
+    smallest_cache_tensor = min(t.numel() for t in (*cache.k, *cache.v, *(cache.a or ())) if t.numel())
+    assert backend != 'inductor' or max(buffer_sizes('\n'.join(codes))) < smallest_cache_tensor
 
 
 @pytest.mark.parametrize('regime', list(REGIMES))
