@@ -248,16 +248,15 @@ class DARAttention(nn.Module):
         # Outside autocast, in the dtype it chose for q, k, v: float32 scores stay float32, and the fused
         # backward (which autograd runs outside autocast) sees the dtypes its forward saw.
         with torch.autocast('cpu' if x.device.type == 'meta' else x.device.type, enabled=False):
-            if cache is None:
+            view = None if cache is None else cache.update(self.layer_idx, k, v, maps)
+            up_k, up_v = (None, None) if maps is None else maps[1::2]
+            if view is not None and T == 1:
+                y = decode_attention(q, view, up_k, up_v)
+            elif view is None or cache.step.start == 0:  # training, or a prompt: the fused kernels (flash on CUDA)
                 y = ATTENTION[resolve_attn_impl(self.config, T, x.device)](q, k, v, self.config.window, maps)
-            else:
-                view = cache.update(self.layer_idx, k, v, maps)
-                up_k, up_v = (None, None) if maps is None else maps[1::2]
-                if T == 1:
-                    y = decode_attention(q, view, up_k, up_v)
-                else:  # a prompt chunk: the blockwise forward, over the older keys it reads too
-                    y, _ = dar_forward(q, view.k, view.v, view.a, view.b, up_k, up_v, self.config.window,
-                                       cache.prefill_block, q_start=cache.step.start)
+            else:  # a later chunk: the blockwise forward, over the older keys it reads too
+                y, _ = dar_forward(q, view.k, view.v, view.a, view.b, up_k, up_v, self.config.window,
+                                   cache.prefill_block, q_start=cache.step.start)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, C))  # (B, H, T, d) -> (B, T, C)
 
 

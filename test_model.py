@@ -300,8 +300,9 @@ def test_linear_matvec_path_equals_f_linear(shape, bias, out_features, monkeypat
 
 
 def cached_logits(m, idx, prompt_len, cache):
-    """Prompt in one chunk, then a mix of single tokens and short chunks."""
-    out = [m(idx[:, :prompt_len], cache=cache)[0]]
+    """Prompt in two chunks (the first through the training path, the second blockwise over the
+    first), then a mix of single tokens and short chunks."""
+    out = [m(idx[:, :2], cache=cache)[0], m(idx[:, 2:prompt_len], cache=cache)[0]]
     t, step = prompt_len, 0
     while t < idx.shape[1]:
         n = 3 if step % 4 == 3 else 1
