@@ -162,9 +162,8 @@ def sdpa_attention(q, k, v, window, maps):
 
 
 def decode_attention(q, view, up_k, up_v):
-    """One new token q (B, H, 1, d) against the CacheView that holds it: every key in view.k is in its
-    window, every latent distant. Absorbed: the up maps meet q and the latent sum, never a token.
-    Products in the cache's dtype (the cache is read once, never copied), the softmax in float32."""
+    """One new token q (B, H, 1, d) against its CacheView: view.k in its window, every latent distant. Absorbed:
+    the up maps meet q and the latent sum, never a token. Products in the cache's dtype, softmax in float32."""
     q = q / math.sqrt(q.shape[-1])
     scores = (q @ view.k.transpose(-2, -1)).float()  # (B, H, 1, n_near): q . k_j
     if view.a is not None:
@@ -245,8 +244,7 @@ class DARAttention(nn.Module):
         maps = self.latent_maps()
         if maps is not None:  # under autocast q, k, v are bf16 and the maps' parameters float32
             maps = tuple(m.to(q.dtype) for m in maps)
-        # Outside autocast, in the dtype it chose for q, k, v: float32 scores stay float32, and the fused
-        # backward (which autograd runs outside autocast) sees the dtypes its forward saw.
+        # Outside autocast, in its dtype of q, k, v: scores stay float32, the fused backward sees its forward's dtypes
         with torch.autocast('cpu' if x.device.type == 'meta' else x.device.type, enabled=False):
             view = None if cache is None else cache.update(self.layer_idx, k, v, maps)
             up_k, up_v = (None, None) if maps is None else maps[1::2]
@@ -386,9 +384,10 @@ class GPT(nn.Module):
         return KVCache(self.config, batch_size, max_seq_len, device, dtype or self.compute_dtype(device), static)
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_token=None):
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_token=None, step=None):
         """Prefill idx (B, T), then sample a token a step from the KV cache (temperature 0: greedy).
-        Rows that emitted eos_token repeat it; generation stops once all have."""
+        Rows that emitted eos_token repeat it; generation stops once all have. step: this model compiled
+        (sampling.compile_step) decodes on a static cache, one graph a step (gpt-fast style)."""
         V = self.config.vocab_size
         if idx.dim() != 2 or not idx.shape[1] or idx.is_floating_point() or not 0 <= idx.min() <= idx.max() < V:
             raise ValueError(f"idx must be token ids in [0, {V}) of shape (batch, tokens >= 1), got {idx.dtype} "
@@ -400,9 +399,11 @@ class GPT(nn.Module):
         if T + max_new_tokens > self.config.block_size:
             warnings.warn(f"{T} prompt + {max_new_tokens} new tokens go past the trained context (block_size "
                           f"{self.config.block_size}): expect worse text there", stacklevel=2)
-        cache, out = self.new_cache(B, T + max_new_tokens, device=idx.device), [idx]
-        for _ in range(max_new_tokens):
-            x = sample_next(self.lm_head(self.hidden_states(x, cache)[:, -1]), temperature, top_k, top_p)[:, None]
+        cache, out = self.new_cache(B, T + max_new_tokens, device=idx.device, static=step is not None), [idx]
+        for i in range(max_new_tokens):  # the prompt eagerly, then one compiled graph a step
+            compiled = i and step is not None
+            last = step(x, cache=cache)[0][:, -1] if compiled else self.lm_head(self.hidden_states(x, cache)[:, -1])
+            x = sample_next(last, temperature, top_k, top_p)[:, None]
             if eos_token is not None:  # (done.all() waits for the device: only where it can be true)
                 x = x.masked_fill(done[:, None], eos_token)
                 done |= x[:, 0] == eos_token
@@ -423,14 +424,14 @@ CacheView = namedtuple('CacheView', 'k v a b mask')  # what a layer reads: a chu
 
 class KVCache:
     """Preallocated DAR KV cache. It only stores: `update` writes a layer's new keys and values and
-    hands back what that layer reads; the attention attends. Per layer: a ring of the last W keys and
-    values in full dims (B, H, W, d) and latents (a, b) (B, H, max_seq_len - W, r), stored transposed,
-    each computed when its token is written, so a ring slot can be overwritten at any time. Full
-    attention: a ring of max_seq_len; local-only: no latents. A step: begin() (checks, plans), update()
-    per layer, end_step(). A decode step that raised can be run again; a chunk that raised may have
-    overwritten ring slots it reads, so the cache then refuses input until reset(). static: a decode step
-    reads every slot, masking unwritten ones, and takes its position as a tensor, so every step is one
-    graph (compiled, replayed as a CUDA graph)."""
+    hands back what that layer reads; the attention attends. Per layer, tensors of its own (a compiled step
+    writes them in place): a ring of the last W keys and values in full dims (B, H, W, d) and latents
+    (a, b) (B, H, max_seq_len - W, r), each computed when its token is written, so a ring slot can be
+    overwritten at any time. Full attention: a ring of max_seq_len; local-only: no latents. A step:
+    begin() (checks, plans), update() per layer, end_step(). A decode step that raised can be run again;
+    a chunk that raised may have overwritten ring slots it reads, so the cache then refuses input until
+    reset(). static: a decode step reads every slot, masking unwritten ones, and takes its position as a
+    tensor, so every step is one graph (compiled, replayed as a CUDA graph)."""
 
     prefill_block = 256  # query block of a chunk: scores are (B, H, block, context) at a time
 
@@ -442,17 +443,16 @@ class KVCache:
         layers, B, H, d, r = config.n_layer, batch_size, config.n_head, config.head_dim, config.dar_rank
         self.ring_size = max_seq_len if self.window is None else min(self.window, max_seq_len)
         zeros = lambda *shape: [torch.zeros(shape, device=device, dtype=dtype) for _ in range(layers)]
-        self.k, self.v = zeros(B, H, self.ring_size, d), zeros(B, H, self.ring_size, d)
+        self.k, self.v = (zeros(B, H, self.ring_size, d) for _ in 'kv')
         self.device = self.k[0].device  # 'cuda' means the current device: under DDP, this rank's
-        self.a = self.b = None
+        self.a = self.b = []  # per layer, with latents
         if config.has_latents and max_seq_len > self.window:  # static: a row per position, written by index
-            n_latents = max_seq_len - (not static) * self.window
-            self.a, self.b = zeros(B, H, n_latents, r), zeros(B, H, n_latents, r)
+            self.a, self.b = (zeros(B, H, max_seq_len - (not static) * self.window, r) for _ in 'ab')
         self.n_cached, self.pos = 0, torch.zeros(1, dtype=torch.long, device=device)  # static: counted in pos
-        for t in [t for t in (*self.k, *self.v, *(self.a or ()), *(self.b or ()), self.pos) if static]:
+        for t in [t for t in (*self.k, *self.v, *self.a, *self.b, self.pos) if static]:
             torch._dynamo.mark_static_address(t)  # written in place by a replayed CUDA graph: never copied
 
-    nbytes = lambda self: sum(t.numel() * t.element_size() for t in (*self.k, *self.v, *(self.a or ()), *(self.b or ())))
+    nbytes = lambda self: sum(t.numel() * t.element_size() for t in (*self.k, *self.v, *self.a, *self.b))
     length = property(lambda self: int(self.pos) if self.static else self.n_cached)  # tokens cached
 
     def reset(self, length=0):  # stale entries are never read; length > 0: as if that many were (benchmarks)
@@ -461,7 +461,7 @@ class KVCache:
 
     def begin(self, idx, dtype):
         """Checks the next chunk idx (B, n) (activations in dtype) and plans its step; returns its positions."""
-        (B, n), S, n_latents = idx.shape, self.ring_size, 0 if self.a is None else self.a[0].shape[-2]
+        (B, n), S, n_latents = idx.shape, self.ring_size, self.a[0].shape[-2] if self.a else 0
         on_device = self.static and n == 1  # a static decode step reads no host number: one graph for all steps
         start = None if on_device else self.length
         for bad, message in (
@@ -499,14 +499,14 @@ class KVCache:
         if st.older_slots is not None:  # gathered before the writes below can overwrite them
             k = torch.cat([ring_k.index_select(2, st.older_slots), k], 2)
             v = torch.cat([ring_v.index_select(2, st.older_slots), v], 2)
-        if self.a is not None:  # the first len(latent_slots) new tokens; later ones are never distant
+        if self.a:  # the first len(latent_slots) new tokens; later ones are never distant
             m = len(st.latent_slots)
             self.a[layer].index_copy_(2, st.latent_slots, new_k[:, :, :m] @ maps[0])
             self.b[layer].index_copy_(2, st.latent_slots, new_v[:, :, :m] @ maps[2])
         m = len(st.ring_slots)
         ring_k.index_copy_(2, st.ring_slots, new_k[:, :, st.n - m:])
         ring_v.index_copy_(2, st.ring_slots, new_v[:, :, st.n - m:])
-        a, b = (None if t is None else t[layer][:, :, :st.n_far] for t in (self.a, self.b))
+        a, b = (t[layer][:, :, :st.n_far] if t else None for t in (self.a, self.b))
         if st.n > 1:  # a chunk: its keys in position order; a decode step: the ring's written slots
             return CacheView(k, v, a, b, None)
         return CacheView(ring_k[:, :, :st.held], ring_v[:, :, :st.held], a, b, st.mask)

@@ -4,6 +4,7 @@ Sample from a trained model with the DAR KV cache (prefill once, then one token 
     python sample.py --out_dir=out                          # from out/ckpt.pt (train.py)
     python sample.py --start="FILE:prompt.txt" --num_samples=3 --max_new_tokens=500
     python sample.py --init_from=pythia-70m --dar_window=256 --start="x" # random weights: speed only
+    python sample.py --compile=True       # decode steps as one compiled graph (CUDA: replayed as a CUDA graph)
 
 Text is encoded and decoded with the tokenizer prepare.py recorded in the dataset's meta.json.
 """
@@ -19,7 +20,7 @@ from configurator import check_device, configure
 from cpu_matvec import reuse_freed_memory, use_matvec
 from model import GPT, GPTConfig
 from prepare import load_tokenizer
-from sampling import check_sampling
+from sampling import check_sampling, compile_step
 from storage import load_checkpoint
 
 init_from = 'resume'  # 'resume' (out_dir/ckpt.pt) or a preset name for random weights
@@ -36,6 +37,7 @@ device = 'cuda' if torch.cuda.is_available() else 'cpu'
 dtype = ''  # '': bfloat16 on CUDA, float32 on CPU
 dar_window = -1  # with a preset: -1 keeps full attention, else W
 dar_rank = -1  # with a preset: -1 keeps head_dim // 4, else r
+compile = False  # gpt-fast style: prefill, then the compiled decode step on a static cache (compiled in a warm-up run)
 
 config = {k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, str))}
 configure(config, sys.argv[1:])
@@ -122,9 +124,15 @@ if max(ids) >= model.config.vocab_size:
 x = torch.tensor([ids] * num_samples, dtype=torch.long, device=device)
 
 sync = torch.cuda.synchronize if device.startswith('cuda') else (lambda: None)
+generate = lambda: model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, step=step)
+step = compile_step(model) if compile else None
+if compile:  # compiles for this batch and length (and on CUDA records the graph): not timed
+    t0 = time.perf_counter()
+    generate()
+    print(f"decode step compiled in {time.perf_counter() - t0:.1f} s")
 sync()
 t0 = time.perf_counter()
-y = model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
+y = generate()
 sync()
 dt = time.perf_counter() - t0
 for row in y.tolist():
@@ -133,4 +141,4 @@ for row in y.tolist():
 new_tokens = (y.shape[1] - x.shape[1]) * num_samples
 kv = model.new_cache(num_samples, y.shape[1], device='meta').nbytes()
 print(f"{new_tokens} tokens in {dt:.2f} s: {new_tokens / dt:.1f} tokens/s (prompt {len(ids)} tokens, "
-      f"batch {num_samples}, prefill included); KV cache {kv / 2**20:.2f} MiB")
+      f"batch {num_samples}, prefill included{', compiled steps' * compile}); KV cache {kv / 2**20:.2f} MiB")

@@ -1,4 +1,5 @@
-"""Sampling one token from logits, and the check of its settings (model.GPT.generate, sample.py)."""
+"""Sampling one token from logits, the check of its settings, and the compiled decode step
+(model.GPT.generate, sample.py)."""
 import torch
 
 
@@ -27,3 +28,10 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None):
         drop = probs.cumsum(-1) - probs > top_p  # the tokens before it already cover top_p
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float('-inf')))
     return torch.multinomial(logits.softmax(-1), 1)[:, 0]
+
+
+def compile_step(model):
+    """The whole decode step of model on a static cache as one compiled graph, for GPT.generate(step=...):
+    on CUDA replayed as a CUDA graph (one launch a step). It compiles at its first call for a batch size."""
+    cuda = next(model.parameters()).device.type == 'cuda'
+    return torch.compile(model, mode='reduce-overhead' if cuda else None, fullgraph=True, dynamic=False)

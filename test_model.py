@@ -374,7 +374,7 @@ def test_the_whole_decode_step_compiles_once_and_equals_eager(regime, backend):
     assert cache.length == 55
     # The step writes the cache in place. A write the compiler cannot do in place (through a view of a
     # tensor holding every layer, say) becomes a copy of the whole tensor each step: a cache-sized buffer.
-    smallest_cache_tensor = min(t.numel() for t in (*cache.k, *cache.v, *(cache.a or ())) if t.numel())
+    smallest_cache_tensor = min(t.numel() for t in (*cache.k, *cache.v, *cache.a) if t.numel())
     assert backend != 'inductor' or max(buffer_sizes('\n'.join(codes))) < smallest_cache_tensor
 
 
@@ -448,7 +448,7 @@ def test_cache_nbytes_matches_design_formula(regime):
 
 
 @pytest.mark.parametrize('regime', list(REGIMES))
-def test_greedy_generate_equals_argmax_of_full_forwards(regime):
+def test_greedy_generate_equals_argmax_of_full_forwards(regime, monkeypatch):
     m = make_model(regime).eval()
     prompt = torch.randint(0, 97, (2, W + 2), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
@@ -457,6 +457,13 @@ def test_greedy_generate_equals_argmax_of_full_forwards(regime):
             x = torch.cat([x, m(x)[0][:, -1].argmax(-1, keepdim=True)], dim=1)
         assert torch.equal(m.generate(prompt, 20, temperature=0), x)
         assert torch.equal(m.generate(prompt, 20, top_k=1), x)
+    # gpt-fast style, as sample.py --compile runs it: the prompt eagerly, then the compiled step on a
+    # static cache (aot_eager traces as inductor does; inductor's code is the decode-step test's)
+    torch._dynamo.reset()
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, 'compile', lambda model, **kw: compile_(model, **kw, backend='aot_eager'))
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        assert torch.equal(m.generate(prompt, 20, temperature=0, step=sampling.compile_step(m)), x)
 
 
 def test_generate_sampling_options():
@@ -563,9 +570,13 @@ def test_bench_bad_settings_are_named(args, message, tmp_path):
     assert not os.listdir(tmp_path)
 
 
-def test_sample_from_random_preset():
-    out = run('sample.py', '--init_from=tiny', '--dar_window=8', '--max_new_tokens=5', '--num_samples=1').stdout
-    assert 'tokens/s' in out
+@pytest.mark.parametrize('compiled', [False, True])
+def test_sample_from_random_preset(compiled, monkeypatch):
+    compile_ = torch.compile  # traced as inductor would trace it, without its code generation
+    monkeypatch.setattr(torch, 'compile', lambda model, **kw: compile_(model, **kw, backend='aot_eager'))
+    out = run('sample.py', '--init_from=tiny', '--dar_window=8', '--max_new_tokens=5', '--num_samples=1',
+              f'--compile={compiled}').stdout
+    assert 'tokens/s' in out and ('decode step compiled in' in out) == compiled
 
 
 @pytest.mark.parametrize('args, message', [
