@@ -24,7 +24,9 @@ import torch
 
 from configurator import check_device, configure
 from cpu_matvec import reuse_freed_memory, use_matvec
+from gpu_check import OpCounter
 from model import GPT, GPTConfig, regime_settings
+from sampling import compile_step
 
 section = 'all'  # 'train', 'decode' or 'all'
 preset = 'pythia-70m'
@@ -38,7 +40,10 @@ decode_contexts = [1024, 4096, 16384, 32768]
 decode_batches = [1, 8]  # one decode table per batch size
 decode_steps = 32  # tokens per timed decode run
 decode_repeats = 5
-decode_compile = ''  # the whole decode step on a static cache: '' eager, 'inductor' (CUDA: + CUDA graphs), 'cudagraphs'
+# How decode steps run, side by side (comma-separated): 'eager' (the default cache), 'compiled' (the whole step on a
+# static cache through torch.compile, as sample.py --compile: CUDA graphs on CUDA), 'cudagraphs' (CUDA: the eager
+# kernels captured). '': eager,compiled on CUDA; eager on CPU, where inductor takes about 30 s a shape
+decode_modes = ''
 kv_budget_gib = 4.0  # the budget rows: the largest batch whose KV cache fits in this many GiB...
 budget_context = 0  # ... at this context, full vs DAR (0: the largest of decode_contexts)
 prefill_repeats = 3
@@ -64,8 +69,11 @@ for name, value in (('train_repeats', train_repeats), ('decode_steps', decode_st
                     ('decode_repeats', decode_repeats), ('prefill_repeats', prefill_repeats)):
     if value < 1:
         raise SystemExit(f"{name} must be at least 1, got {value}")
-if decode_compile not in ('', 'inductor', 'cudagraphs') or decode_compile == 'cudagraphs' and device == 'cpu':
-    raise SystemExit(f"decode_compile must be '', 'inductor' or (on CUDA) 'cudagraphs', got '{decode_compile}'")
+decode_modes = config['decode_modes'] = decode_modes or ('eager,compiled' if device.startswith('cuda') else 'eager')
+MODES = decode_modes.split(',')
+if not set(MODES) <= {'eager', 'compiled', 'cudagraphs'} or 'cudagraphs' in MODES and device == 'cpu':
+    raise SystemExit(f"decode_modes must be a comma-separated list of eager, compiled and (on CUDA) cudagraphs, "
+                     f"got '{decode_modes}'")
 if section not in ('train', 'decode', 'all'):
     raise SystemExit(f"section must be 'train', 'decode' or 'all', got '{section}'")
 try:
@@ -233,23 +241,22 @@ def weight_bytes(model):
     return sum(p.numel() * p.element_size() for p in model.parameters()) - wte.numel() * wte.element_size()
 
 
-def decode_case(model, batch, ctx, warm_prefill):
-    """Prefill tok/s (batch 1 up to prefill_max_context, else None) and decode steps/s of model at
-    context ctx."""
-    cache = model.new_cache(batch, ctx + decode_steps + 1, static=bool(decode_compile))
+def decode_case(model, batch, ctx, mode, prefill):
+    """Decode steps/s of model at context ctx in mode, ops (CPU, eager) or kernels (CUDA) a step, device-busy
+    ms a step (CUDA), and, if prefill, the prompt's tok/s (batch 1, up to prefill_max_context, else None)."""
+    cache = model.new_cache(batch, ctx + decode_steps + 1, static=mode != 'eager')
     prompt = torch.randint(0, model.config.vocab_size, (batch, ctx), device=device)
 
-    def prefill():
+    def prefill_once():
         cache.reset()
         model.hidden_states(prompt, cache)
 
     prefill_tok_s = None
-    if batch == 1 and ctx <= prefill_max_context:
-        prefill_s, _ = timed(prefill, prefill_repeats, warmup=1 if warm_prefill else 0)
+    if prefill and batch == 1 and ctx <= prefill_max_context:
+        prefill_s, _ = timed(prefill_once, prefill_repeats)
         prefill_tok_s = ctx / prefill_s
     token = prompt[:, -1:]
-
-    step = compiled(model) if decode_compile else model
+    step = compiled(model, mode) if mode != 'eager' else model
 
     def decode():
         cache.reset(length=ctx)  # decode time does not depend on what the cache holds
@@ -257,22 +264,41 @@ def decode_case(model, batch, ctx, warm_prefill):
             step(token, cache=cache)
 
     decode_s, _ = timed(decode, decode_repeats)
-    return prefill_tok_s, decode_steps / decode_s
+    cache.reset(length=ctx)
+    ops, busy_ms = step_profile(lambda: step(token, cache=cache), mode)
+    return prefill_tok_s, decode_steps / decode_s, ops, busy_ms
+
+
+def step_profile(one_step, mode):
+    """(kernels, device-busy ms) of one step on CUDA, from the profiler; on the CPU (ops an eager step
+    dispatches, None): a compiled step's kernels are inside its generated code."""
+    if device.startswith('cuda'):
+        activity = torch.profiler.ProfilerActivity.CUDA
+        with torch.profiler.profile(activities=[activity]) as prof:
+            one_step()
+            sync()
+        kernels = [e for e in prof.key_averages() if e.device_type.name == 'CUDA']
+        return sum(e.count for e in kernels), sum(e.self_device_time_total for e in kernels) / 1e3
+    if mode != 'eager':
+        return None, None
+    with OpCounter() as counter:
+        one_step()
+    return counter.ops, None
 
 
 @functools.cache
-def compiled(model):
+def compiled(model, mode):
     """The whole decode step, one graph per shape (a static cache takes its position as a tensor)."""
-    mode = 'reduce-overhead' if device.startswith('cuda') else None  # CUDA graphs: one launch a step
-    if decode_compile == 'cudagraphs':  # the eager kernels, captured: seconds to compile, not minutes
+    if mode == 'cudagraphs':  # the eager kernels, captured: seconds to compile, not minutes
         return torch.compile(model, backend='cudagraphs', fullgraph=True, dynamic=False)
-    return torch.compile(model, mode=mode, fullgraph=True, dynamic=False)
+    return compile_step(model)
 
 
 @torch.no_grad()
 def bench_decode():
-    if decode_compile:  # one compilation per case and shape
-        torch._dynamo.config.recompile_limit = len(DECODE_CASES) * len(decode_contexts) * len(decode_batches) + 8
+    # one compilation per case, shape and compiled mode
+    torch._dynamo.config.recompile_limit = len(DECODE_CASES) * len(decode_contexts) * (len(decode_batches) + 1) * len(
+        MODES) + 8
     bandwidth = read_bandwidth()
     models = {name: build(w, r).eval() for name, (w, r) in DECODE_CASES.items()}
     kv_bytes = lambda model, batch, ctx: model.new_cache(batch, ctx, device='meta').nbytes()  # read per step
@@ -280,65 +306,77 @@ def bench_decode():
     for batch in decode_batches:
         for ctx in decode_contexts:
             for name, model in models.items():
-                prefill_tok_s, steps_per_s = decode_case(model, batch, ctx, warm_prefill=ctx == decode_contexts[0])
-                kv, weights = kv_bytes(model, batch, ctx), weight_bytes(model)
-                full_kv = kv_bytes(models['full'], batch, ctx)
-                rows.append(dict(batch=batch, context=ctx, case=name, prefill_tok_s=prefill_tok_s,
-                                 decode_tok_s=batch * steps_per_s, kv_bytes=kv, weight_bytes=weights,
-                                 # the best speedup over full attention at equal read bandwidth
-                                 bytes_ceiling=(weights + full_kv) / (weights + kv),
-                                 achieved_bw=(weights + kv) * steps_per_s,
-                                 bw_fraction=(weights + kv) * steps_per_s / bandwidth))
-                r = rows[-1]
-                print(f"  batch={batch} ctx={ctx:6d} {name:10s} prefill {r['prefill_tok_s'] or 0:7.0f} tok/s  "
-                      f"decode {r['decode_tok_s']:7.1f} tok/s  KV {kv / 2**20:7.1f} MiB  bw {r['bw_fraction']:.0%}",
-                      flush=True)
-    for r in rows:
-        full = next(f for f in rows if (f['batch'], f['context'], f['case']) == (r['batch'], r['context'], 'full'))
+                for mode in MODES:
+                    prefill_tok_s, steps_per_s, ops, busy_ms = decode_case(model, batch, ctx, mode,
+                                                                           prefill=mode == MODES[0])
+                    kv, weights = kv_bytes(model, batch, ctx), weight_bytes(model)
+                    full_kv = kv_bytes(models['full'], batch, ctx)
+                    rows.append(dict(batch=batch, context=ctx, case=name, mode=mode, prefill_tok_s=prefill_tok_s,
+                                     decode_tok_s=batch * steps_per_s, ms_per_step=1e3 / steps_per_s,
+                                     ops_per_step=ops, device_busy_ms=busy_ms, kv_bytes=kv, weight_bytes=weights,
+                                     # the best speedup over full attention at equal read bandwidth
+                                     bytes_ceiling=(weights + full_kv) / (weights + kv),
+                                     achieved_bw=(weights + kv) * steps_per_s,
+                                     bw_fraction=(weights + kv) * steps_per_s / bandwidth))
+                    r = rows[-1]
+                    print(f"  batch={batch} ctx={ctx:6d} {name:10s} {mode:10s} prefill {r['prefill_tok_s'] or 0:7.0f} "
+                          f"tok/s  decode {r['decode_tok_s']:8.1f} tok/s ({r['ms_per_step']:.2f} ms/step)  "
+                          f"KV {kv / 2**20:7.1f} MiB  bw {r['bw_fraction']:.0%}", flush=True)
+    same = lambda r, case, mode=None: [f for f in rows if (f['batch'], f['context'], f['case']) == (
+        r['batch'], r['context'], case) and mode in (None, f['mode'])]
+    for r in rows:  # against full attention at its best mode: an honest ratio
+        full = max(same(r, 'full'), key=lambda f: f['decode_tok_s'])
         r['decode_vs_full'] = r['decode_tok_s'] / full['decode_tok_s']
         r['kv_vs_full'] = r['kv_bytes'] / full['kv_bytes']
         r['of_ceiling'] = r['decode_vs_full'] / r['bytes_ceiling']
+        eager = same(r, r['case'], 'eager')
+        r['vs_eager'] = r['decode_tok_s'] / eager[0]['decode_tok_s'] if eager else None
     budget_rows = []
     for name in ('full', 'DAR'):
         model = models[name]
         batch = int(kv_budget_gib * 2**30 // kv_bytes(model, 1, budget_context + decode_steps + 1))
         if batch < 1:
             raise SystemExit(f"--kv_budget_gib={kv_budget_gib} holds no {name} sequence of {budget_context} tokens")
-        _, steps_per_s = decode_case(model, batch, budget_context, warm_prefill=False)
         kv = kv_bytes(model, batch, budget_context)
-        budget_rows.append(dict(case=name, batch=batch, decode_tok_s=batch * steps_per_s, kv_bytes=kv,
-                                bw_fraction=(weight_bytes(model) + kv) * steps_per_s / bandwidth))
-        print(f"  budget {kv_budget_gib} GiB at ctx={budget_context}: {name} batch {batch} "
-              f"{budget_rows[-1]['decode_tok_s']:.1f} tok/s", flush=True)
+        for mode in MODES:
+            _, steps_per_s, _, _ = decode_case(model, batch, budget_context, mode, prefill=False)
+            budget_rows.append(dict(case=name, mode=mode, batch=batch, decode_tok_s=batch * steps_per_s, kv_bytes=kv,
+                                    bw_fraction=(weight_bytes(model) + kv) * steps_per_s / bandwidth))
+            print(f"  budget {kv_budget_gib} GiB at ctx={budget_context}: {name} {mode} batch {batch} "
+                  f"{budget_rows[-1]['decode_tok_s']:.1f} tok/s", flush=True)
+    full_best = max(r['decode_tok_s'] for r in budget_rows if r['case'] == 'full')
     for r in budget_rows:
-        r['decode_vs_full'] = r['decode_tok_s'] / budget_rows[0]['decode_tok_s']
+        r['decode_vs_full'] = r['decode_tok_s'] / full_best
 
-    print(f"\nDecode, {preset} (random weights), W={dar_window}, r={dar_rank}, {dtype}, {machine()}"
-          f"{f', decode step compiled ({decode_compile})' if decode_compile else ''};"
-          f" read bandwidth {bandwidth / 1e9:.1f} GB/s; median of {decode_repeats} x {decode_steps} steps,"
-          f" prefill (batch 1) median of {prefill_repeats}, up to {prefill_max_context} tokens")
+    print(f"\nDecode, {preset} (random weights), W={dar_window}, r={dar_rank}, {dtype}, {machine()}; read bandwidth "
+          f"{bandwidth / 1e9:.1f} GB/s; median of {decode_repeats} x {decode_steps} steps, prefill (batch 1) median of "
+          f"{prefill_repeats}, up to {prefill_max_context} tokens; x full: against full attention's best mode; "
+          f"ops: dispatched by an eager step (CPU), kernels: launched (CUDA, profiler)")
     for batch in decode_batches:
         print(f"\nBatch {batch} (decode tok/s counts the tokens of every sequence)\n"
-              "| context | case | prefill tok/s | decode tok/s | x full | bytes ceiling | of ceiling | KV MiB | x full "
-              "| bandwidth |\n|---|---|---|---|---|---|---|---|---|---|")
+              "| context | case | mode | prefill tok/s | ms/step | decode tok/s | x full | x eager | bytes ceiling "
+              "| of ceiling | ops or kernels | busy ms | KV MiB | bandwidth |\n"
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for r in rows:
             if r['batch'] != batch:
                 continue
-            prefill = '-' if r['prefill_tok_s'] is None else f"{r['prefill_tok_s']:.0f}"
-            print(f"| {r['context']} | {r['case']} | {prefill} | {r['decode_tok_s']:.1f} | {r['decode_vs_full']:.2f} | "
-                  f"{r['bytes_ceiling']:.2f} | {r['of_ceiling']:.0%} | {r['kv_bytes'] / 2**20:.1f} | "
-                  f"{r['kv_vs_full']:.3f} | {r['achieved_bw'] / 1e9:.1f} GB/s ({r['bw_fraction']:.0%}) |")
+            show = lambda v, f: '-' if v is None else format(v, f)
+            print(f"| {r['context']} | {r['case']} | {r['mode']} | {show(r['prefill_tok_s'], '.0f')} | "
+                  f"{r['ms_per_step']:.2f} | {r['decode_tok_s']:.1f} | {r['decode_vs_full']:.2f} | "
+                  f"{show(r['vs_eager'], '.2f')} | {r['bytes_ceiling']:.2f} | {r['of_ceiling']:.0%} | "
+                  f"{show(r['ops_per_step'], 'd')} | {show(r['device_busy_ms'], '.3f')} | {r['kv_bytes'] / 2**20:.1f} | "
+                  f"{r['achieved_bw'] / 1e9:.1f} GB/s ({r['bw_fraction']:.0%}) |")
     print(f"\nThe largest batch whose KV cache fits in {kv_budget_gib} GiB, context {budget_context}\n"
-          "| case | batch | KV MiB | decode tok/s | x full | bandwidth |\n|---|---|---|---|---|---|")
+          "| case | mode | batch | KV MiB | decode tok/s | x full | bandwidth |\n|---|---|---|---|---|---|---|")
     for r in budget_rows:
-        print(f"| {r['case']} | {r['batch']} | {r['kv_bytes'] / 2**20:.0f} | {r['decode_tok_s']:.1f} | "
+        print(f"| {r['case']} | {r['mode']} | {r['batch']} | {r['kv_bytes'] / 2**20:.0f} | {r['decode_tok_s']:.1f} | "
               f"{r['decode_vs_full']:.2f} | {r['bw_fraction']:.0%} |")
     print('wrote', save('decode', dict(machine=machine(), preset=preset, dtype=dtype, dar_window=dar_window,
                                        dar_rank=dar_rank, read_bandwidth=bandwidth, decode_steps=decode_steps,
-                                       decode_repeats=decode_repeats, decode_compile=decode_compile,
+                                       decode_repeats=decode_repeats, decode_modes=MODES,
                                        kv_budget_gib=kv_budget_gib,
                                        budget_context=budget_context, rows=rows, budget_rows=budget_rows)))
-    plot_decode([r for r in rows if r['batch'] == decode_batches[0]], decode_batches[0])
+    plot_decode([r for r in rows if r['batch'] == decode_batches[0] and r['mode'] == MODES[0]], decode_batches[0])
 
 
 def plot_decode(rows, batch):

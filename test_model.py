@@ -556,10 +556,30 @@ def test_bench_runs_and_writes_results(tmp_path):
     assert (out / 'decode_cpu.png').stat().st_size > 0
 
 
+def test_bench_times_eager_and_compiled_decode_side_by_side(tmp_path, monkeypatch):
+    import json
+    compile_ = torch.compile  # traced as inductor would trace it, without its code generation
+    monkeypatch.setattr(torch, 'compile', lambda model, **kw: compile_(model, **kw, backend='aot_eager'))
+    run('bench.py', '--section=decode', '--device=cpu', '--preset=tiny', '--dar_window=16', '--dar_rank=8',
+        '--decode_contexts=[24]', '--decode_steps=2', '--decode_repeats=1', '--prefill_repeats=1',
+        '--decode_batches=[2]', '--kv_budget_gib=0.001', '--decode_modes=eager,compiled', cwd=tmp_path)
+    decode = json.loads((tmp_path / 'out-bench' / 'decode_cpu.json').read_text())
+    assert {(r['case'], r['mode']) for r in decode['rows']} == {(c, m) for c in ('full', 'DAR', 'uniform', 'local-only')
+                                                                for m in ('eager', 'compiled')}
+    for r in decode['rows']:
+        eager = r['mode'] == 'eager'
+        assert r['ms_per_step'] > 0 and (r['ops_per_step'] is not None) == eager and r['vs_eager'] > 0
+    # x full is against full attention's faster mode, so full's slower mode is below 1
+    full = [r['decode_vs_full'] for r in decode['rows'] if r['case'] == 'full']
+    assert max(full) == 1 and min(full) <= 1
+    assert {(r['case'], r['mode']) for r in decode['budget_rows']} == {(c, m) for c in ('full', 'DAR')
+                                                                       for m in ('eager', 'compiled')}
+
+
 @pytest.mark.parametrize('args, message', [
     (['--section=decod'], "section must be 'train', 'decode' or 'all'"),
     (['--decode_steps=0'], 'decode_steps must be at least 1'),
-    (['--decode_compile=True'], "decode_compile must be '', 'inductor' or"),
+    (['--decode_modes=eager,graphs'], "decode_modes must be a comma-separated list of eager, compiled and"),
     (['--decode_contexts=[0]'], 'decode_contexts must be a list of integers >= 1'),
     (['--dar_rank=100'], 'dar_rank must be <= head_dim'),
     (['--device=cuda:x'], 'device must be cpu, cuda or cuda:N'),
