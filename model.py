@@ -392,12 +392,9 @@ class GPT(nn.Module):
         Rows that emitted eos_token repeat it; generation stops once all have."""
         V = self.config.vocab_size
         if idx.dim() != 2 or not idx.shape[1] or idx.is_floating_point() or not 0 <= idx.min() <= idx.max() < V:
-            raise ValueError(f"idx must be token ids in [0, {V}) of shape (batch, tokens >= 1), got {idx.dtype} "
-                             f"{tuple(idx.shape)}")
+            raise ValueError(f"idx must be token ids in [0, {V}), shape (B, T > 0), got {idx.dtype} {tuple(idx.shape)}")
         (B, T), x, done = idx.shape, idx, torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
-        if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be at least 0, got {max_new_tokens}")
-        check_sampling(temperature, top_k, top_p)  # now, not after the prefill
+        check_sampling(temperature, top_k, top_p, max_new_tokens)  # now, not after the prefill
         if T + max_new_tokens > self.config.block_size:
             warnings.warn(f"{T} prompt + {max_new_tokens} new tokens go past the trained context (block_size "
                           f"{self.config.block_size}): expect worse text there", stacklevel=2)
@@ -436,8 +433,9 @@ class KVCache:
     prefill_block = 256  # query block of a chunk: scores are (B, H, block, context) at a time
 
     def __init__(self, config, batch_size, max_seq_len, device, dtype, static=False):
-        if max_seq_len <= 0 or batch_size <= 0:
-            raise ValueError(f"batch_size and max_seq_len must be positive, got {batch_size}, {max_seq_len}")
+        if max_seq_len <= 0 or batch_size <= 0 or not dtype.is_floating_point:
+            raise ValueError(f"batch_size and max_seq_len must be positive and dtype floating, got {batch_size}, "
+                             f"{max_seq_len}, {dtype}")
         self.window, self.static, self.step, self.broken = config.window, static, None, False
         self.batch_size, self.max_seq_len, self.dtype = batch_size, max_seq_len, dtype
         layers, B, H, d, r = config.n_layer, batch_size, config.n_head, config.head_dim, config.dar_rank
@@ -456,6 +454,8 @@ class KVCache:
     length = property(lambda self: int(self.pos) if self.static else self.n_cached)  # tokens cached
 
     def reset(self, length=0):  # stale entries are never read; length > 0: as if that many were (benchmarks)
+        if not 0 <= length <= self.max_seq_len:
+            raise ValueError(f"reset(length={length}): a cache holds 0 to max_seq_len = {self.max_seq_len} tokens")
         self.n_cached, self.step, self.broken = length, None, False
         self.pos.fill_(length)
 

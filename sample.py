@@ -44,12 +44,11 @@ dtype = dtype or ('bfloat16' if device.startswith('cuda') else 'float32')  # fro
 check_device(device, dtype)
 top_k, top_p = top_k or None, top_p or None  # 0 turns them off here; sample_next takes None for that
 try:
-    check_sampling(temperature, top_k, top_p)
+    check_sampling(temperature, top_k, top_p, max_new_tokens)
 except ValueError as e:
     raise SystemExit(f"--{e}") from None
-if max_new_tokens < 0 or num_samples < 1:
-    raise SystemExit(f"max_new_tokens must be at least 0 and num_samples at least 1, got {max_new_tokens} and "
-                     f"{num_samples}")
+if num_samples < 1:
+    raise SystemExit(f"--num_samples must be at least 1, got {num_samples}")
 
 torch.manual_seed(seed)
 if init_from == 'resume':

@@ -2,8 +2,10 @@
 import torch
 
 
-def check_sampling(temperature, top_k, top_p):
-    """A ValueError naming the first sampling setting out of range."""
+def check_sampling(temperature, top_k, top_p, max_new_tokens=0):
+    """A ValueError naming the first generation setting out of range."""
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be at least 0, got {max_new_tokens}")
     if not temperature >= 0:  # a negative one would turn the distribution upside down
         raise ValueError(f"temperature must be at least 0 (0: greedy), got {temperature}")
     if top_k is not None and top_k < 1:

@@ -500,6 +500,11 @@ def test_cache_errors_are_clear():
             m(torch.zeros(3, 1, dtype=torch.long), cache=cache)
         with pytest.raises(ValueError, match='dtype'):
             m(torch.zeros(2, 1, dtype=torch.long), cache=m.new_cache(2, 20, dtype=torch.bfloat16))
+        for length in (-5, 21):  # refused at the call, not steps later
+            with pytest.raises(ValueError, match=rf'reset\(length={length}\): a cache holds 0 to max_seq_len = 20'):
+                cache.reset(length)
+        with pytest.raises(ValueError, match='dtype floating, got 2, 20, torch.int64'):
+            m.new_cache(2, 20, dtype=torch.int64)
         assert cache.length == 15  # failed calls left the cache untouched
         static = m.new_cache(2, 20, static=True)
         static.reset(length=20)  # a static decode step checks on the device (no host sync): it raises there
