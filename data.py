@@ -27,6 +27,19 @@ def swap_dirs(data_dir):
     return os.path.join(parent, f'.{name}.new'), os.path.join(parent, f'.{name}.old')
 
 
+def read_meta(data_dir):
+    """data_dir/meta.json, checked for what every reader needs."""
+    meta_path = os.path.join(data_dir, 'meta.json')
+    try:
+        with open(meta_path, encoding='utf-8') as f:
+            meta = json.load(f)
+        meta['dtype'], meta['vocab_size']
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SystemExit(f"{meta_path} is damaged ({e.__class__.__name__}: {e}); run prepare.py again to rebuild "
+                         f"{data_dir}") from None
+    return meta
+
+
 class Dataset:
     """The prepared dataset in data_dir: its meta.json and memmaps of its splits."""
 
@@ -40,13 +53,7 @@ class Dataset:
                                  f"into place, but it is complete in {new}; finish the move with "
                                  f"mv '{new}' '{data_dir}', or run prepare.py again")
             raise SystemExit(f"{meta_path} not found: prepare the dataset first (python prepare.py; see its --help)")
-        try:
-            with open(meta_path, encoding='utf-8') as f:
-                self.meta = json.load(f)
-            self.meta['dtype'], self.meta['vocab_size']  # what every reader needs
-        except (ValueError, KeyError, TypeError) as e:
-            raise SystemExit(f"{meta_path} is damaged ({e.__class__.__name__}: {e}); run prepare.py again to rebuild "
-                             f"{data_dir}") from None
+        self.meta = read_meta(data_dir)
         self.format = self.meta.get('format', 'stream')
         self.example_length = self.meta.get('example_length')
         # The files are opened once, now, and checked as opened: prepare.py replaces a dataset by renaming

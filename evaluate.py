@@ -52,11 +52,17 @@ def load_run(out_dir, device='cpu'):
     return model.to(device).eval(), ckpt
 
 
-def token_losses(model, x, y):
-    """(logits, per-token loss) of a forward over x; the loss is nan where y is IGNORE."""
-    logits, _ = model(x)
+def token_logits(model, x, n_tokens):
+    """The logits of a forward over x for the dataset's n_tokens ids only: the model's vocabulary is padded past
+    them (to a multiple of 64), and a padding id is no token, so it is never scored as one."""
+    return model(x)[0][..., :n_tokens]
+
+
+def token_losses(model, x, y, n_tokens):
+    """The per-token loss of a forward over x, nan where y is IGNORE."""
+    logits = token_logits(model, x, n_tokens)
     loss = F.cross_entropy(logits.float().transpose(1, 2), y, ignore_index=IGNORE, reduction='none')
-    return logits, loss.masked_fill(y == IGNORE, float('nan'))
+    return loss.masked_fill(y == IGNORE, float('nan'))
 
 
 def long_context_gain(loss_by_position, window):
@@ -79,7 +85,7 @@ def copy_test(model, data, length, n_sequences=128, batch_size=8, autocast=nullc
     for x, _ in data.fixed_batches('val', length, n_sequences, batch_size):
         twice = torch.cat([x, x], 1).to(device)  # (B, 2L): passage, passage
         with autocast:
-            _, loss = token_losses(model, twice[:, :-1], twice[:, 1:])  # loss[:, t]: of token t + 1
+            loss = token_losses(model, twice[:, :-1], twice[:, 1:], data.vocab_size)  # loss[:, t]: of token t + 1
         first.append(loss[:, COPY_SKIP - 1:length - 1].float().cpu())
         second.append(loss[:, length + COPY_SKIP - 1:].float().cpu())
     first, second = torch.cat(first).mean().item(), torch.cat(second).mean().item()
@@ -112,7 +118,7 @@ def evaluate(model, data, n_sequences=128, batch_size=8, window=None, autocast=n
     sums, counts = torch.zeros(block_size, dtype=torch.float64), torch.zeros(block_size, dtype=torch.float64)
     for x, y in data.fixed_batches('val', block_size, n_sequences, batch_size):
         with autocast:
-            _, loss = token_losses(model, x.to(device), y.to(device))
+            loss = token_losses(model, x.to(device), y.to(device), data.vocab_size)
         counted = ~loss.isnan()
         sums += loss.nan_to_num().sum(0).double().cpu()
         counts += counted.sum(0).double().cpu()
@@ -133,7 +139,7 @@ def recall_accuracy(model, data, task, block_size, batch_size, autocast):
     for x, y in data.fixed_batches('test', block_size, data.meta['test_examples'], batch_size):
         x, y = x.to(device), y.to(device)
         with autocast:
-            logits, _ = model(x)
+            logits = token_logits(model, x, data.vocab_size)
         answers = y != IGNORE
         correct.append((logits.argmax(-1)[answers] == y[answers]).cpu())
         distances.append(answer_distances(x, y).cpu())

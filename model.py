@@ -387,10 +387,10 @@ class GPT(nn.Module):
         return KVCache(self.config, batch_size, max_seq_len, device, dtype or self.compute_dtype(device), static)
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_token=None):
-        """Prefill idx (B, T), then sample a token a step from the KV cache (temperature 0: greedy).
-        Rows that emitted eos_token repeat it; generation stops once all have."""
-        V = self.config.vocab_size
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_token=None, n_tokens=None):
+        """Prefill idx (B, T), then sample a token a step from the KV cache (temperature 0: greedy), below n_tokens
+        (the rest is vocabulary padding). Rows that emitted eos_token repeat it; generation stops once all have."""
+        V = min(n_tokens or self.config.vocab_size, self.config.vocab_size)
         if idx.dim() != 2 or not idx.shape[1] or idx.is_floating_point() or not 0 <= idx.min() <= idx.max() < V:
             raise ValueError(f"idx must be token ids in [0, {V}), shape (B, T > 0), got {idx.dtype} {tuple(idx.shape)}")
         (B, T), x, done = idx.shape, idx, torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
@@ -400,7 +400,7 @@ class GPT(nn.Module):
                           f"{self.config.block_size}): expect worse text there", stacklevel=2)
         cache, out = self.new_cache(B, T + max_new_tokens, device=idx.device), [idx]
         for _ in range(max_new_tokens):
-            x = sample_next(self.lm_head(self.hidden_states(x, cache)[:, -1]), temperature, top_k, top_p)[:, None]
+            x = sample_next(self.lm_head(self.hidden_states(x, cache)[:, -1]), temperature, top_k, top_p, V)[:, None]
             if eos_token is not None:  # (done.all() waits for the device: only where it can be true)
                 x = x.masked_fill(done[:, None], eos_token)
                 done |= x[:, 0] == eos_token

@@ -14,9 +14,10 @@ def check_sampling(temperature, top_k, top_p, max_new_tokens=0):
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
 
 
-def sample_next(logits, temperature=1.0, top_k=None, top_p=None):
-    """One token per row from (B, V) logits."""
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None, n_tokens=None):
+    """One token per row from (B, V) logits, below n_tokens when given (the ids past it: vocabulary padding)."""
     check_sampling(temperature, top_k, top_p)
+    logits = logits[:, :n_tokens]
     if temperature == 0:
         return logits.argmax(-1)
     logits = logits.float() / temperature

@@ -424,6 +424,21 @@ def test_train_on_examples_takes_block_size_from_them(recall, tmp_path):
     assert 'recall accuracy' in proc.stdout and 'shortcut' in proc.stdout
     assert 'recall_accuracy_by_distance' in json.loads((tmp_path / 'eval.json').read_text())['result']
 
+def test_evaluation_scores_only_the_datasets_tokens(recall):
+    data = Dataset(recall[0])  # 32 ids; the model's 32 more are padding, no token of the data
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(block_size=39, vocab_size=64, n_layer=1, n_head=2, n_embd=32, dar_window=4)).eval()
+    result = evaluate.evaluate(m, data, n_sequences=4, batch_size=4)
+    (x, y), (x_test, y_test) = next(data.fixed_batches('val', 39, 4, 4)), next(data.fixed_batches('test', 39, 30, 30))
+    with torch.no_grad():
+        logits, logits_test = m(x)[0][..., :32], m(x_test)[0][..., :32]
+    loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), y, ignore_index=-1, reduction='none')
+    counted = (y != -1).sum(0)
+    expected = [None if c == 0 else v for v, c in zip((loss.sum(0) / counted.clamp(min=1)).tolist(), counted)]
+    assert result['loss_by_position'] == pytest.approx(expected, abs=1e-5)
+    answers = y_test != -1
+    assert result['recall_accuracy'] == (logits_test.argmax(-1)[answers] == y_test[answers]).float().mean().item()
+
 # compare.py ---------------------------------------------------------------------------------------
 
 
@@ -772,11 +787,16 @@ def test_evaluate_on_a_dataset_that_does_not_fit_is_named(shakespeare, recall, t
 def test_sample_from_a_recall_checkpoint_reads_and_writes_token_ids(recall, tmp_path):
     run('train.py', *MODEL, f'--dataset={recall[0]}', f'--out_dir={tmp_path}', '--max_iters=1', '--dar_window=4',
         cwd=tmp_path)
-    proc = run('sample.py', f'--out_dir={tmp_path}', "--start=3 17 5", '--max_new_tokens=4', '--num_samples=1',
-               cwd=tmp_path)
-    assert proc.stdout.splitlines()[1].startswith('3 17 5 ') and len(proc.stdout.splitlines()[1].split()) == 7
-    proc = run('sample.py', f'--out_dir={tmp_path}', '--start=to be', cwd=tmp_path, check=False)
-    assert proc.returncode != 0 and 'no tokenizer' in proc.stderr and 'Traceback' not in proc.stderr
+    assert torch.load(tmp_path / 'ckpt.pt', weights_only=True)['model_args']['vocab_size'] == 64  # 32 + 32 padding
+    proc = run('sample.py', f'--out_dir={tmp_path}', "--start=3 17 5", '--max_new_tokens=36', '--num_samples=2',
+               '--temperature=2.0', cwd=tmp_path)
+    rows = [line.split() for line in proc.stdout.splitlines()[1:5:2]]
+    assert all(row[:3] == ['3', '17', '5'] and len(row) == 39 for row in rows)
+    assert max(int(t) for row in rows for t in row) < 32  # never a padding id
+    for start in ('to be', '\n', '999', '-3'):  # without --start the prompt is a newline
+        proc = run('sample.py', f'--out_dir={tmp_path}', f'--start={start}', cwd=tmp_path, check=False)
+        assert proc.returncode != 0 and 'Traceback' not in proc.stderr, start
+        assert 'no tokenizer' in proc.stderr and 'token ids from 0 to 31' in proc.stderr, start
     proc = run('sample.py', f'--out_dir={tmp_path}', '--dar_window=2', cwd=tmp_path, check=False)
     assert proc.returncode != 0 and 'keeps the attention it was trained with' in proc.stderr
 
