@@ -40,6 +40,31 @@ def read_meta(data_dir):
     return meta
 
 
+def vocabulary(meta):
+    """What a dataset's token ids mean: its tokenizer and the number of ids. A checkpoint records it, so that a
+    dataset prepared again with another one is never read as the data the model learned."""
+    return {'tokenizer': meta.get('tokenizer'), 'vocab_size': meta['vocab_size']}
+
+
+def describe_vocabulary(vocab):
+    tokenizer = vocab['tokenizer']
+    if not tokenizer:
+        return f"{vocab['vocab_size']} ids without a tokenizer"
+    name = tokenizer.get('encoding') or tokenizer.get('name') or tokenizer['kind']
+    return f"the {name} tokenizer's {vocab['vocab_size']} ids"
+
+
+def check_vocabulary(meta, data_dir, recorded, run):
+    """SystemExit if the dataset in data_dir (with meta) has other token ids than the vocabulary `recorded` by
+    the checkpoint `run`; recorded None (a checkpoint from before the record) is not checked."""
+    if recorded is None or recorded == vocabulary(meta):
+        return
+    then, now = describe_vocabulary(recorded), describe_vocabulary(vocabulary(meta))
+    differs = f"it holds {now}, the run learned {then}" if then != now else f"{now} stand for other tokens now"
+    raise SystemExit(f"{data_dir} is not the data {run} was trained on: {differs}. It was prepared again since; "
+                     "prepare it as it was, or give the dataset the run was trained on with --dataset")
+
+
 class Dataset:
     """The prepared dataset in data_dir: its meta.json and memmaps of its splits."""
 

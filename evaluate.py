@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from configurator import check_device, configure
-from data import IGNORE, Dataset
+from data import IGNORE, Dataset, check_vocabulary
 from model import GPT, GPTConfig
 from storage import load_checkpoint, write_atomically
 
@@ -223,6 +223,7 @@ def evaluate_run(run_dir, dataset=None, n_sequences=128, batch_size=8, window=No
     model, ckpt = load_run(run_dir, device)
     dataset = dataset or ckpt['config']['dataset']
     data = Dataset(os.path.join('data', dataset))
+    check_vocabulary(data.meta, data.dir, ckpt.get('vocabulary'), os.path.join(run_dir, 'ckpt.pt'))
     key = {'version': EVAL_VERSION, 'checkpoint_sha256': file_sha256(os.path.join(run_dir, 'ckpt.pt')),
            'dataset': dataset, 'dataset_meta': data.meta,
            'n_sequences': n_sequences, 'window': window, 'copy_length': copy_length}

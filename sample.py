@@ -16,7 +16,7 @@ import torch
 
 from configurator import check_device, configure
 from cpu_matvec import reuse_freed_memory, use_matvec
-from data import read_meta
+from data import check_vocabulary, read_meta
 from model import GPT, GPTConfig
 from prepare import load_tokenizer
 from sampling import check_sampling
@@ -82,6 +82,8 @@ print(f"{model.config.regime} attention, {model.get_num_params() / 1e6:.2f}M non
 data_dir = dataset if os.path.isabs(dataset) else os.path.join('data', dataset)
 meta_path = os.path.join(data_dir, 'meta.json')
 meta = read_meta(data_dir) if dataset and os.path.exists(meta_path) else None
+if meta is not None and init_from == 'resume':
+    check_vocabulary(meta, data_dir, checkpoint.get('vocabulary'), ckpt_path)
 # the dataset's own ids: the model's vocabulary is padded to a multiple of 64, and the padding is never sampled
 n_tokens = model.config.vocab_size if meta is None else meta['vocab_size']
 if n_tokens > model.config.vocab_size:

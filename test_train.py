@@ -730,6 +730,27 @@ def test_a_dataset_prepared_again_does_not_change_under_a_run(tmp_path):
     assert torch.equal(after[0], before[0]) and torch.equal(after[1], before[1])
 
 
+def test_a_dataset_prepared_again_with_other_token_ids_is_refused(tmp_path):
+    data, out = tmp_path / 'recall', tmp_path / 'out'
+    args = ['--synthetic=recall', '--out_dir', str(data), '--seq_len=24', '--n_pairs=2', '--min_distance=8',
+            '--n_train=40', '--n_val=8', '--n_test=8']
+    prepare.main([*args, '--vocab_size=32'])
+    common = [*MODEL, f'--dataset={data}', f'--out_dir={out}', '--dar_window=4', '--eval_interval=1']
+    run('train.py', *common, '--max_iters=1', cwd=tmp_path)
+    prepare.main([*args, '--vocab_size=48'])  # the model's padded vocabulary is still 64: nothing else notices
+    for script, script_args in (('train.py', [*common, '--max_iters=2', '--init_from=resume']),
+                                ('evaluate.py', [f'--out_dir={out}', '--n_sequences=2']),
+                                ('sample.py', [f'--out_dir={out}', '--start=1 2', '--max_new_tokens=1'])):
+        proc = run(script, *script_args, cwd=tmp_path, check=False)
+        assert proc.returncode != 0 and 'Traceback' not in proc.stderr, script
+        assert (f"{data} is not the data {out / 'ckpt.pt'} was trained on: it holds 48 ids without a tokenizer, "
+                "the run learned 32 ids without a tokenizer") in proc.stderr, script
+    ckpt = torch.load(out / 'ckpt.pt', weights_only=True)
+    del ckpt['vocabulary']  # a checkpoint from before the record: read as before
+    torch.save(ckpt, out / 'ckpt.pt')
+    assert 'recall accuracy' in run('evaluate.py', f'--out_dir={out}', '--n_sequences=2', cwd=tmp_path).stdout
+
+
 @pytest.mark.parametrize('content', ['', '{"vocab_size": 10', '{"vocab_size": 10}'])
 def test_a_damaged_meta_json_is_named(tmp_path, content):
     (tmp_path / 'meta.json').write_text(content)
@@ -781,7 +802,7 @@ def test_evaluate_on_a_dataset_that_does_not_fit_is_named(shakespeare, recall, t
     run('train.py', *MODEL, '--block_size=64', f'--dataset={shakespeare[0]}', f'--out_dir={tmp_path}', '--max_iters=0',
         cwd=tmp_path)  # a stream model of context 64: longer than the recall examples (40 tokens)
     proc = run('evaluate.py', f'--out_dir={tmp_path}', f'--dataset={recall[0]}', cwd=tmp_path, check=False)
-    assert proc.returncode != 0 and 'block_size' in proc.stderr and 'Traceback' not in proc.stderr
+    assert proc.returncode != 0 and 'is not the data' in proc.stderr and 'Traceback' not in proc.stderr
 
 
 def test_sample_from_a_recall_checkpoint_reads_and_writes_token_ids(recall, tmp_path):

@@ -36,7 +36,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from configurator import check_device, configure
-from data import Dataset
+from data import Dataset, check_vocabulary, vocabulary
 import retrofit
 from model import GPT, GPTConfig
 from storage import load_checkpoint, write_atomically
@@ -193,6 +193,7 @@ checkpoint = base = None
 try:
     if init_from == 'resume':
         checkpoint = load_checkpoint(ckpt_path)
+        check_vocabulary(data.meta, data.dir, checkpoint.get('vocabulary'), ckpt_path)
         retrofit_from = checkpoint.get('retrofit_from')
     if retrofit_from is not None:
         base = load_base(retrofit_from) if checkpoint is None else None
@@ -373,6 +374,7 @@ def save_checkpoint():
         'best_val_loss': best_val_loss,
         'config': config,
         'retrofit_from': retrofit_from,
+        'vocabulary': vocabulary(data.meta),  # what the token ids mean: evaluate.py and resuming check it
     }
     # an interruption never leaves a truncated checkpoint behind
     write_atomically(ckpt_path, lambda f: torch.save(checkpoint, f))
