@@ -99,9 +99,13 @@ for key in ('eval_interval', 'eval_iters', 'log_interval', 'batch_size', 'block_
 if seed < 0:
     raise SystemExit(f"seed must be at least 0, got {seed}")
 for key, low in (('learning_rate', 0.0), ('min_lr', 0.0), ('weight_decay', 0.0), ('grad_clip', 0.0),
-                 ('warmup_iters', 0), ('max_iters', 0), ('calibration_batches', 1)):
-    if not config[key] >= low:  # a negative grad_clip would reverse the gradient, a negative lr climb the loss
-        raise SystemExit(f"{key} must be at least {low}, got {config[key]}")
+                 ('warmup_iters', 0), ('max_iters', 0), ('lr_decay_iters', 0), ('calibration_batches', 1)):
+    # a negative grad_clip would reverse the gradient, a negative lr climb the loss, an infinite one end in nan
+    if config[key] is not None and not low <= config[key] < math.inf:
+        raise SystemExit(f"{key} must be at least {low} and finite, got {config[key]}")
+if min_lr > learning_rate:
+    raise SystemExit(f"min_lr ({min_lr}) is above learning_rate ({learning_rate}): the schedule decays from "
+                     "learning_rate down to min_lr; lower --min_lr or raise --learning_rate")
 if not (0 <= beta1 < 1 and 0 <= beta2 < 1):
     raise SystemExit(f"beta1 and beta2 must be in [0, 1), got {beta1} and {beta2}")
 if latent_init not in ('calibrated', 'random'):
