@@ -531,10 +531,12 @@ def test_retrofit_bad_settings(shakespeare, full_run, tmp_path, args, message):
 
 
 def test_retrofit_from_a_missing_model_is_named(shakespeare, full_run, tmp_path):
-    proc = run('train.py', *MODEL, '--block_size=32', f'--dataset={shakespeare[0]}', f'--out_dir={tmp_path}',
-               f'--init_from={tmp_path / "no-such-model"}', cwd=tmp_path, check=False)
-    assert proc.returncode != 0 and 'not a checkpoint file' in proc.stderr and 'no-such-model' in proc.stderr
-    assert 'Traceback' not in proc.stderr
+    # a value that can only be a path is one: named at once, never looked up on the Hub (5 retries offline)
+    for missing in (tmp_path / 'no-such-model', 'out-nonexist/ckpt.pt', './pythia-70m', 'a/b/c'):
+        proc = run('train.py', *MODEL, '--block_size=32', f'--dataset={shakespeare[0]}', f'--out_dir={tmp_path}',
+                   f'--init_from={missing}', cwd=tmp_path, check=False)
+        assert proc.returncode != 0 and f'--init_from={missing}: no such file or directory' in proc.stderr
+        assert 'Traceback' not in proc.stderr and not (tmp_path / 'ckpt.pt').exists()
     proc = run('train.py', *MODEL, '--block_size=32', f'--dataset={shakespeare[0]}', f'--out_dir={full_run}',
                f'--init_from={full_run / "ckpt.pt"}', '--overwrite=True', cwd=tmp_path, check=False)
     assert proc.returncode != 0 and "this run's own checkpoint" in proc.stderr

@@ -111,6 +111,12 @@ if not (0 <= beta1 < 1 and 0 <= beta2 < 1):
 if latent_init not in ('calibrated', 'random'):
     raise SystemExit(f"latent_init must be 'calibrated' or 'random', got '{latent_init}'")
 retrofit_from = None if init_from in ('scratch', 'resume') else init_from
+# a Hub name is org/name: a value that can only be a path is named at once when missing, never looked up there
+path_like = retrofit_from and (retrofit_from.endswith('.pt') or retrofit_from.startswith(('.', '/')) or
+                               retrofit_from.count('/') > 1)
+if path_like and not os.path.exists(retrofit_from):
+    raise SystemExit(f"--init_from={init_from}: no such file or directory; give the path of a ckpt.pt or of a "
+                     "GPT-NeoX model directory (a Hugging Face Hub name has the form org/name)")
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')
 if init_from == 'resume' and not os.path.exists(ckpt_path):
     raise SystemExit(f"--init_from=resume, but {ckpt_path} does not exist")
