@@ -770,6 +770,7 @@ def test_a_damaged_meta_json_is_named(tmp_path, content):
     (['--learning_rate=1e400'], 'learning_rate must be at least 0.0 and finite, got inf'),
     (['--min_lr=0.01'], 'min_lr (0.01) is above learning_rate (0.003)'),
     (['--lr_decay_iters=-5'], 'lr_decay_iters must be at least 0 and finite, got -5'),
+    (['--attn_impl=flex'], "--attn_impl=flex trains on CUDA only"),  # FlexAttention has no backward on the CPU
 ])
 def test_train_refuses_nonsense_before_writing(shakespeare, tmp_path, args, message):
     proc = run('train.py', *TINY, f'--dataset={shakespeare[0]}', f'--out_dir={tmp_path / "o"}', *args, cwd=tmp_path,

@@ -129,6 +129,9 @@ check_device(device, dtype)
 device_type = 'cuda' if device.startswith('cuda') else 'cpu'
 if device_type == 'cpu' and dtype != 'float32':
     raise SystemExit("bfloat16 autocast is used on CUDA only; on CPU use --dtype=float32")
+if device_type == 'cpu' and attn_impl == 'flex':
+    raise SystemExit("--attn_impl=flex trains on CUDA only: PyTorch runs FlexAttention's backward on GPUs, not on the "
+                     "CPU; train with --attn_impl=fused (the same attention, blockwise) or auto")
 lr_decay_iters = max_iters if lr_decay_iters is None else lr_decay_iters
 data = Dataset(os.path.join('data', dataset))
 if block_size is None:
