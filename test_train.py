@@ -839,6 +839,16 @@ def test_skip_bad_rows_leaves_out_a_response_too_long(tmp_path):
     meta = prepare.main(['--sft', path, '--prompt_field=q', '--response_field=a', '--block_size=24', '--val_every=3',
                          '--skip_bad_rows', '--out_dir', str(tmp_path / 'o')])
     assert meta['source']['skipped_rows'] == 1 and meta['train_examples'] + meta['val_examples'] == len(PAIRS)
+    # ... but a split left empty is refused, naming it, before anything is written
+    long = {'q': 'a prompt', 'a': 'far too long ' * 20}
+    for rows, message in (([p if i % 3 != 2 else long for i, p in enumerate(PAIRS)], 'no val example is left'),
+                          ([long] * 6, 'no train example is left'),
+                          ([{'q': 'no response'}] * 6, r'every row of .*pairs\.jsonl is bad')):
+        path = sft_file(tmp_path / 'pairs.jsonl', rows)
+        with pytest.raises(SystemExit, match=message):
+            prepare.main(['--sft', path, '--prompt_field=q', '--response_field=a', '--block_size=24', '--val_every=3',
+                          '--skip_bad_rows', '--out_dir', str(tmp_path / 'empty')])
+        assert not (tmp_path / 'empty').exists()
 
 
 def test_gpu_check_dry_run(shakespeare, tmp_path):
