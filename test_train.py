@@ -828,10 +828,18 @@ def test_sample_from_a_recall_checkpoint_reads_and_writes_token_ids(recall, tmp_
     assert proc.returncode != 0 and 'keeps the attention it was trained with' in proc.stderr
 
 
-def test_compare_refuses_a_window_as_long_as_the_context_before_training(shakespeare, tmp_path):
-    proc = run('compare.py', *COMPARE, f'--dataset={shakespeare[0]}', f'--out_dir={tmp_path}', '--dar_windows=32',
-               cwd=tmp_path, check=False)
-    assert proc.returncode != 0 and 'must be below block_size' in proc.stderr and not os.listdir(tmp_path)
+@pytest.mark.parametrize('args, message', [
+    (['--dar_windows=32'], 'dar_windows must be below block_size (32)'),  # a window that long is full attention
+    (['--seeds=1,1'], 'seeds lists 1 more than once'),  # one run, counted twice, "± 0.0000"
+    (['--dar_windows=4', '--dar_ranks=8,4,8'], 'dar_ranks lists 8 more than once'),
+    (['--seeds=-1'], 'seeds must be at least 0, got -1'),
+    (['--dar_windows=0'], 'dar_windows must be at least 1, got 0'),
+])
+def test_compare_refuses_bad_lists_before_training(shakespeare, tmp_path, args, message):
+    proc = run('compare.py', *COMPARE, f'--dataset={shakespeare[0]}', f'--out_dir={tmp_path}', *args, cwd=tmp_path,
+               check=False)
+    assert proc.returncode != 0 and message in proc.stderr and 'Traceback' not in proc.stderr
+    assert not os.listdir(tmp_path)
 
 
 def test_skip_bad_rows_leaves_out_a_response_too_long(tmp_path):
