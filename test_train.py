@@ -859,6 +859,22 @@ def test_skip_bad_rows_leaves_out_a_response_too_long(tmp_path):
         assert not (tmp_path / 'empty').exists()
 
 
+def test_gpu_check_report_of_no_results_is_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    readme = tmp_path / 'README.md'
+    readme.write_text(f"# x\n{gpu_check.START}\nNot run yet.\n{gpu_check.END}\n")
+    (tmp_path / 'empty').mkdir()
+    for folder in ('missing', 'empty'):
+        with pytest.raises(SystemExit, match=f'nothing to report in {folder}: it holds no result of gpu_check.sh'):
+            gpu_check.main(['report', folder, '--readme'])
+    assert not (tmp_path / 'missing').exists() and not os.listdir(tmp_path / 'empty')
+    assert 'Not run yet.' in readme.read_text()
+    (tmp_path / 'empty' / 'steps.json').write_text('{"machine": "NVIDIA H2')  # the stage was cut off
+    with pytest.raises(SystemExit, match=r'steps\.json is not complete JSON.*delete that file to report the rest'):
+        gpu_check.main(['report', 'empty', '--readme'])
+    assert 'Not run yet.' in readme.read_text()
+
+
 def test_gpu_check_dry_run(shakespeare, tmp_path):
     # gpu_check.sh's stages at tiny sizes on the CPU, so that the one prepared GPU command cannot rot.
     out, python_dir = tmp_path / 'out', os.path.dirname(sys.executable)
