@@ -877,10 +877,15 @@ def test_gpu_check_report_of_no_results_is_refused(tmp_path, monkeypatch):
 
 def test_gpu_check_dry_run(shakespeare, tmp_path):
     # gpu_check.sh's stages at tiny sizes on the CPU, so that the one prepared GPU command cannot rot.
-    out, python_dir = tmp_path / 'out', os.path.dirname(sys.executable)
+    # every stage runs PYTHON, the interpreter the user chose (this one), never another python3 on the PATH
+    out, decoy = tmp_path / 'out', tmp_path / 'bin' / 'python3'
+    decoy.parent.mkdir()
+    decoy.write_text('#!/bin/sh\necho "the python3 on the PATH ran" >&2; exit 1\n')
+    decoy.chmod(0o755)
+    env = {**os.environ, 'GPU_CHECK_DRY': '1', 'OMP_NUM_THREADS': '1', 'PYTHON': sys.executable,
+           'PATH': f"{decoy.parent}:{os.environ['PATH']}"}
     proc = subprocess.run(['bash', os.path.join(ROOT, 'gpu_check.sh'), shakespeare[0], str(out)], capture_output=True,
-                          text=True, timeout=280, env={**os.environ, 'GPU_CHECK_DRY': '1', 'OMP_NUM_THREADS': '1',
-                                                       'PATH': f"{python_dir}:{os.environ['PATH']}"})
+                          text=True, timeout=280, env=env)
     assert proc.returncode == 0 and 'FAILED' not in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert {p.name for p in out.iterdir()} == {'log.txt', 'steps.json', 'decode_eager.json', 'train_results.json',
                                                'loss_by_position.png', 'summary.md'}  # + tests, graphs on a GPU
