@@ -133,16 +133,17 @@ class Dataset:
             return len(self.tokens(split)) - block_size
         return len(self.tokens(split)) // self.example_length
 
-    def check(self, split, block_size):
-        """A clear error when the split cannot give sequences of block_size."""
+    def check(self, split, block_size, fix=None):
+        """A clear error when the split cannot give sequences of block_size; fix: what to do then, where that is
+        not train.py's setting block_size."""
         if self.format == 'stream':
             if len(self.tokens(split)) <= block_size:
                 raise SystemExit(f"{self.dir}/{split}.bin has {len(self.tokens(split))} tokens, too few for "
-                                 f"block_size {block_size}; lower block_size or prepare more data")
+                                 f"block_size {block_size}; {fix or 'lower block_size or prepare more data'}")
         elif block_size > self.example_length - 1:
             raise SystemExit(f"block_size {block_size} is longer than this dataset's examples allow "
                              f"({self.example_length} tokens: block_size at most {self.example_length - 1}); "
-                             "leave block_size unset to use whole examples")
+                             f"{fix or 'leave block_size unset to use whole examples'}")
         elif self.num_sequences(split, block_size) == 0:
             raise SystemExit(f"{self.dir}/{split}.bin holds no example; prepare the dataset again")
 

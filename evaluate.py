@@ -74,13 +74,18 @@ def long_context_gain(loss_by_position, window):
     return float(np.mean(far) - np.mean(near)) if near and far else None
 
 
+def check_copy_length(length, block_size):
+    if not COPY_SKIP < length <= block_size // 2:
+        raise ValueError(f"copy_length must be in ({COPY_SKIP}, block_size // 2 = {block_size // 2}], got {length}: "
+                         f"a passage and its copy fill at most the context, and the first {COPY_SKIP} tokens of each "
+                         "are left out; choose one in that range, or leave it unset")
+
+
 def copy_test(model, data, length, n_sequences=128, batch_size=8, autocast=nullcontext()):
     """Mean loss on the first and the second copy of fixed validation passages of `length` tokens,
     each followed by itself, and copy_loss_drop = first - second (see the top of this file)."""
     device = next(model.parameters()).device
-    if not COPY_SKIP < length <= model.config.block_size // 2:
-        raise ValueError(f"copy_length must be in ({COPY_SKIP}, block_size // 2 = {model.config.block_size // 2}], "
-                         f"got {length}")
+    check_copy_length(length, model.config.block_size)
     first, second = [], []
     for x, _ in data.fixed_batches('val', length, n_sequences, batch_size):
         twice = torch.cat([x, x], 1).to(device)  # (B, 2L): passage, passage
@@ -224,6 +229,11 @@ def evaluate_run(run_dir, dataset=None, n_sequences=128, batch_size=8, window=No
     dataset = dataset or ckpt['config']['dataset']
     data = Dataset(os.path.join('data', dataset))
     check_vocabulary(data.meta, data.dir, ckpt.get('vocabulary'), os.path.join(run_dir, 'ckpt.pt'))
+    if copy_length is not None:  # checked before a result is reused, and never silently ignored
+        if data.format != 'stream':
+            raise SystemExit(f"--copy_length sets the copy test, which runs on token streams; {dataset} holds "
+                             "examples, so leave it unset")
+        check_copy_length(copy_length, model.config.block_size)
     key = {'version': EVAL_VERSION, 'checkpoint_sha256': file_sha256(os.path.join(run_dir, 'ckpt.pt')),
            'dataset': dataset, 'dataset_meta': data.meta,
            'n_sequences': n_sequences, 'window': window, 'copy_length': copy_length}
@@ -240,7 +250,8 @@ def evaluate_run(run_dir, dataset=None, n_sequences=128, batch_size=8, window=No
         raise SystemExit(f"dataset {dataset} has {data.vocab_size} token ids, the model of {run_dir} only "
                          f"{model.config.vocab_size}: evaluate it on the dataset it was trained on")
     for split in ('val', 'test') if (data.meta.get('task') or {}).get('name') == 'recall' else ('val',):
-        data.check(split, model.config.block_size)
+        data.check(split, model.config.block_size, fix=f"the model's context is fixed: evaluate it on data of longer "
+                                                       "sequences, such as the dataset it was trained on")
     result = evaluate(model, data, n_sequences, batch_size, window, autocast, copy_length)
     write_atomically(path, lambda f: json.dump({'key': key, 'result': result}, f), mode='w')
     return result
@@ -251,7 +262,7 @@ def main():
                     device='cuda' if torch.cuda.is_available() else 'cpu')
     configure(settings, sys.argv[1:])
     check_device(settings['device'])
-    for name in ('n_sequences', 'batch_size', 'window', 'copy_length'):
+    for name in ('n_sequences', 'batch_size', 'window'):  # copy_length: checked against the model's context
         if settings[name] is not None and settings[name] < 1:
             raise SystemExit(f"--{name} must be at least 1, got {settings[name]}")
     try:

@@ -14,6 +14,7 @@ import evaluate
 import gpu_check
 import model
 import prepare
+import storage
 from configurator import configure
 from data import Dataset
 from conftest import ROOT, run
@@ -239,6 +240,18 @@ def test_configure(tmp_path):
                         (['--batch_size'], '--key=value'), (['nope.py'], 'no such config file')]:
         with pytest.raises(SystemExit, match=match):
             configure(dict(defaults), args)
+    # a config file with a Python error: its line and the error as a sentence, not a traceback through exec
+    for text, match in (("lr = 1\nbatch_size = 2 * block_size\n", r"line 2: NameError: name 'block_size' is not"),
+                        ("lr = 1\nbatch_size = (\n", r"line 2: SyntaxError: '\(' was never closed")):
+        cfg_file.write_text(text)
+        with pytest.raises(SystemExit, match=rf"c\.py, {match}.*; fix the config file"):
+            configure(dict(defaults), [str(cfg_file)])
+
+
+def test_a_checkpoint_without_some_of_train_pys_keys_names_them(tmp_path):
+    torch.save({'model': {}, 'model_args': {}, 'best_val_loss': 1.0, 'config': {}}, tmp_path / 'ckpt.pt')
+    with pytest.raises(SystemExit, match=r'ckpt\.pt is not a checkpoint of train\.py \(it lacks optimizer, iter_num\)'):
+        storage.load_checkpoint(tmp_path / 'ckpt.pt')
 
 # train.py -----------------------------------------------------------------------------------------
 
@@ -422,6 +435,8 @@ def test_train_on_examples_takes_block_size_from_them(recall, tmp_path):
     assert proc.returncode != 0 and 'block_size at most 39' in proc.stderr and 'Traceback' not in proc.stderr
     proc = run('evaluate.py', f'--out_dir={tmp_path}', '--n_sequences=4', cwd=tmp_path)
     assert 'recall accuracy' in proc.stdout and 'shortcut' in proc.stdout
+    proc = run('evaluate.py', f'--out_dir={tmp_path}', '--copy_length=8', cwd=tmp_path, check=False)  # not ignored
+    assert proc.returncode != 0 and 'copy test, which runs on token streams' in proc.stderr
     assert 'recall_accuracy_by_distance' in json.loads((tmp_path / 'eval.json').read_text())['result']
 
 def test_evaluation_scores_only_the_datasets_tokens(recall):
@@ -797,7 +812,8 @@ def test_a_good_checkpoint_on_a_missing_device_is_not_called_corrupt(straight_ru
 @pytest.mark.parametrize('args, message', [
     (['--window=-1'], '--window must be at least 1'),
     (['--batch_size=0'], '--batch_size must be at least 1'),
-    (['--copy_length=40'], 'copy_length must be in'),
+    (['--copy_length=40'], 'copy_length must be in (4, block_size // 2 = 16], got 40'),
+    (['--copy_length=0'], 'copy_length must be in (4, block_size // 2 = 16], got 0'),  # not "at least 1"
 ])
 def test_evaluate_bad_settings_are_named(straight_run, args, message):
     proc = run('evaluate.py', f'--out_dir={straight_run}', *args, cwd=straight_run, check=False)
@@ -809,6 +825,13 @@ def test_evaluate_on_a_dataset_that_does_not_fit_is_named(shakespeare, recall, t
         cwd=tmp_path)  # a stream model of context 64: longer than the recall examples (40 tokens)
     proc = run('evaluate.py', f'--out_dir={tmp_path}', f'--dataset={recall[0]}', cwd=tmp_path, check=False)
     assert proc.returncode != 0 and 'is not the data' in proc.stderr and 'Traceback' not in proc.stderr
+    # the same tokenizer, but examples shorter than the model's context: evaluate.py has no block_size to set
+    sft = prepare.main(['--sft', sft_file(tmp_path / 'pairs.jsonl', PAIRS), '--prompt_field=q', '--response_field=a',
+                        '--block_size=24', '--val_every=3', '--out_dir', str(tmp_path / 'sft')])
+    assert sft['tokenizer'] == shakespeare[1]['tokenizer']
+    proc = run('evaluate.py', f'--out_dir={tmp_path}', f"--dataset={tmp_path / 'sft'}", cwd=tmp_path, check=False)
+    assert proc.returncode != 0 and 'Traceback' not in proc.stderr and 'leave block_size unset' not in proc.stderr
+    assert "block_size at most 24); the model's context is fixed: evaluate it on data of longer" in proc.stderr
 
 
 def test_sample_from_a_recall_checkpoint_reads_and_writes_token_ids(recall, tmp_path):
