@@ -75,6 +75,7 @@ def long_context_gain(loss_by_position, window):
 
 
 def check_copy_length(length, block_size):
+    """A ValueError unless a passage of length tokens and its copy fit the context of block_size."""
     if not COPY_SKIP < length <= block_size // 2:
         raise ValueError(f"copy_length must be in ({COPY_SKIP}, block_size // 2 = {block_size // 2}], got {length}: "
                          f"a passage and its copy fill at most the context, and the first {COPY_SKIP} tokens of each "
@@ -250,7 +251,7 @@ def evaluate_run(run_dir, dataset=None, n_sequences=128, batch_size=8, window=No
         raise SystemExit(f"dataset {dataset} has {data.vocab_size} token ids, the model of {run_dir} only "
                          f"{model.config.vocab_size}: evaluate it on the dataset it was trained on")
     for split in ('val', 'test') if (data.meta.get('task') or {}).get('name') == 'recall' else ('val',):
-        data.check(split, model.config.block_size, fix=f"the model's context is fixed: evaluate it on data of longer "
+        data.check(split, model.config.block_size, fix="the model's context is fixed: evaluate it on data of longer "
                                                        "sequences, such as the dataset it was trained on")
     result = evaluate(model, data, n_sequences, batch_size, window, autocast, copy_length)
     write_atomically(path, lambda f: json.dump({'key': key, 'result': result}, f), mode='w')
