@@ -60,11 +60,18 @@ eval_sequences = 128  # fixed validation sequences for the loss by position
 Run = namedtuple('Run', 'setting seed')
 
 
-def int_list(name, text):
+def int_list(name, text, low):
+    """The comma-separated integers of setting `name`: each at least low, and each once (a run twice would be
+    trained once and counted twice)."""
     try:
-        return [int(s) for s in str(text).split(',') if s.strip()]
+        values = [int(s) for s in str(text).split(',') if s.strip()]
     except ValueError:
         raise SystemExit(f"{name} must be comma-separated integers, got '{text}'") from None
+    if too_low := [v for v in values if v < low]:
+        raise SystemExit(f"{name} must be at least {low}, got {too_low[0]}")
+    if repeated := sorted({v for v in values if values.count(v) > 1}):
+        raise SystemExit(f"{name} lists {', '.join(map(str, repeated))} more than once; give each value once")
+    return values
 
 
 # one run's model settings: regime, dar_window, dar_rank as GPTConfig takes them; name e.g. 'dar-W16-r8'
@@ -99,9 +106,10 @@ if __name__ == '__main__':
                 raise SystemExit(f"both {single} and {plural} are set; give the values as --{plural} only")
             value = train_settings.pop(single)
             config[plural] = '' if value is None else str(value)
-    window_list, rank_list = int_list('dar_windows', config['dar_windows']), int_list('dar_ranks', config['dar_ranks'])
-    seed_list = int_list('seeds', seeds)
-    if {'dar', 'local'} & set(regime_names) and (not window_list or min(window_list) <= 0):
+    window_list = int_list('dar_windows', config['dar_windows'], 1)
+    rank_list = int_list('dar_ranks', config['dar_ranks'], 1)  # 0 would make dar local-only
+    seed_list = int_list('seeds', seeds, 0)  # train.py's seed is at least 0
+    if {'dar', 'local'} & set(regime_names) and not window_list:
         raise SystemExit("the dar and local regimes need a window: set dar_windows (e.g. --dar_windows=64 or 16,32,64)")
     if nproc < 1:
         raise SystemExit(f"nproc must be at least 1, got {nproc}")

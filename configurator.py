@@ -12,6 +12,7 @@ from the defaults.
 """
 import ast
 import os
+import traceback
 import types
 
 
@@ -34,7 +35,14 @@ def configure(config, args, passthrough=False):
                 raise SystemExit(f"{arg}: no such config file (settings are written --key=value)")
             namespace = {}
             with open(arg, encoding='utf-8') as f:
-                exec(compile(f.read(), arg, 'exec'), namespace)
+                source = f.read()
+            try:
+                exec(compile(source, arg, 'exec'), namespace)
+            except Exception as e:  # its line, not a traceback through this file
+                line = e.lineno if isinstance(e, SyntaxError) else [
+                    frame.lineno for frame in traceback.extract_tb(e.__traceback__) if frame.filename == arg][-1]
+                raise SystemExit(f"{arg}, line {line}: {e.__class__.__name__}: {e}; fix the config file (Python that "
+                                 "assigns settings; it cannot read the script's defaults)") from None
             settings = {k: v for k, v in namespace.items()
                         if not k.startswith('_') and not isinstance(v, types.ModuleType)}
         for key, value in settings.items():

@@ -27,6 +27,44 @@ def swap_dirs(data_dir):
     return os.path.join(parent, f'.{name}.new'), os.path.join(parent, f'.{name}.old')
 
 
+def read_meta(data_dir):
+    """data_dir/meta.json, checked for what every reader needs."""
+    meta_path = os.path.join(data_dir, 'meta.json')
+    try:
+        with open(meta_path, encoding='utf-8') as f:
+            meta = json.load(f)
+        meta['dtype'], meta['vocab_size']
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SystemExit(f"{meta_path} is damaged ({e.__class__.__name__}: {e}); run prepare.py again to rebuild "
+                         f"{data_dir}") from None
+    return meta
+
+
+def vocabulary(meta):
+    """What a dataset's token ids mean: its tokenizer and the number of ids. A checkpoint records it, so that a
+    dataset prepared again with another one is never read as the data the model learned."""
+    return {'tokenizer': meta.get('tokenizer'), 'vocab_size': meta['vocab_size']}
+
+
+def describe_vocabulary(vocab):
+    tokenizer = vocab['tokenizer']
+    if not tokenizer:
+        return f"{vocab['vocab_size']} ids without a tokenizer"
+    name = tokenizer.get('encoding') or tokenizer.get('name') or tokenizer['kind']
+    return f"the {name} tokenizer's {vocab['vocab_size']} ids"
+
+
+def check_vocabulary(meta, data_dir, recorded, run):
+    """SystemExit if the dataset in data_dir (with meta) has other token ids than the vocabulary `recorded` by
+    the checkpoint `run`; recorded None (a checkpoint from before the record) is not checked."""
+    if recorded is None or recorded == vocabulary(meta):
+        return
+    then, now = describe_vocabulary(recorded), describe_vocabulary(vocabulary(meta))
+    differs = f"it holds {now}, the run learned {then}" if then != now else f"{now} stand for other tokens now"
+    raise SystemExit(f"{data_dir} is not the data {run} was trained on: {differs}. It was prepared again since; "
+                     "prepare it as it was, or give the dataset the run was trained on with --dataset")
+
+
 class Dataset:
     """The prepared dataset in data_dir: its meta.json and memmaps of its splits."""
 
@@ -40,13 +78,7 @@ class Dataset:
                                  f"into place, but it is complete in {new}; finish the move with "
                                  f"mv '{new}' '{data_dir}', or run prepare.py again")
             raise SystemExit(f"{meta_path} not found: prepare the dataset first (python prepare.py; see its --help)")
-        try:
-            with open(meta_path, encoding='utf-8') as f:
-                self.meta = json.load(f)
-            self.meta['dtype'], self.meta['vocab_size']  # what every reader needs
-        except (ValueError, KeyError, TypeError) as e:
-            raise SystemExit(f"{meta_path} is damaged ({e.__class__.__name__}: {e}); run prepare.py again to rebuild "
-                             f"{data_dir}") from None
+        self.meta = read_meta(data_dir)
         self.format = self.meta.get('format', 'stream')
         self.example_length = self.meta.get('example_length')
         # The files are opened once, now, and checked as opened: prepare.py replaces a dataset by renaming
@@ -101,16 +133,17 @@ class Dataset:
             return len(self.tokens(split)) - block_size
         return len(self.tokens(split)) // self.example_length
 
-    def check(self, split, block_size):
-        """A clear error when the split cannot give sequences of block_size."""
+    def check(self, split, block_size, fix=None):
+        """A clear error when the split cannot give sequences of block_size; fix: what to do then, where that is
+        not train.py's setting block_size."""
         if self.format == 'stream':
             if len(self.tokens(split)) <= block_size:
                 raise SystemExit(f"{self.dir}/{split}.bin has {len(self.tokens(split))} tokens, too few for "
-                                 f"block_size {block_size}; lower block_size or prepare more data")
+                                 f"block_size {block_size}; {fix or 'lower block_size or prepare more data'}")
         elif block_size > self.example_length - 1:
             raise SystemExit(f"block_size {block_size} is longer than this dataset's examples allow "
                              f"({self.example_length} tokens: block_size at most {self.example_length - 1}); "
-                             "leave block_size unset to use whole examples")
+                             f"{fix or 'leave block_size unset to use whole examples'}")
         elif self.num_sequences(split, block_size) == 0:
             raise SystemExit(f"{self.dir}/{split}.bin holds no example; prepare the dataset again")
 

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from configurator import check_device, configure
-from data import IGNORE, Dataset
+from data import IGNORE, Dataset, check_vocabulary
 from model import GPT, GPTConfig
 from storage import load_checkpoint, write_atomically
 
@@ -52,11 +52,17 @@ def load_run(out_dir, device='cpu'):
     return model.to(device).eval(), ckpt
 
 
-def token_losses(model, x, y):
-    """(logits, per-token loss) of a forward over x; the loss is nan where y is IGNORE."""
-    logits, _ = model(x)
+def token_logits(model, x, n_tokens):
+    """The logits of a forward over x for the dataset's n_tokens ids only: the model's vocabulary is padded past
+    them (to a multiple of 64), and a padding id is no token, so it is never scored as one."""
+    return model(x)[0][..., :n_tokens]
+
+
+def token_losses(model, x, y, n_tokens):
+    """The per-token loss of a forward over x, nan where y is IGNORE."""
+    logits = token_logits(model, x, n_tokens)
     loss = F.cross_entropy(logits.float().transpose(1, 2), y, ignore_index=IGNORE, reduction='none')
-    return logits, loss.masked_fill(y == IGNORE, float('nan'))
+    return loss.masked_fill(y == IGNORE, float('nan'))
 
 
 def long_context_gain(loss_by_position, window):
@@ -68,18 +74,24 @@ def long_context_gain(loss_by_position, window):
     return float(np.mean(far) - np.mean(near)) if near and far else None
 
 
+def check_copy_length(length, block_size):
+    """A ValueError unless a passage of length tokens and its copy fit the context of block_size."""
+    if not COPY_SKIP < length <= block_size // 2:
+        raise ValueError(f"copy_length must be in ({COPY_SKIP}, block_size // 2 = {block_size // 2}], got {length}: "
+                         f"a passage and its copy fill at most the context, and the first {COPY_SKIP} tokens of each "
+                         "are left out; choose one in that range, or leave it unset")
+
+
 def copy_test(model, data, length, n_sequences=128, batch_size=8, autocast=nullcontext()):
     """Mean loss on the first and the second copy of fixed validation passages of `length` tokens,
     each followed by itself, and copy_loss_drop = first - second (see the top of this file)."""
     device = next(model.parameters()).device
-    if not COPY_SKIP < length <= model.config.block_size // 2:
-        raise ValueError(f"copy_length must be in ({COPY_SKIP}, block_size // 2 = {model.config.block_size // 2}], "
-                         f"got {length}")
+    check_copy_length(length, model.config.block_size)
     first, second = [], []
     for x, _ in data.fixed_batches('val', length, n_sequences, batch_size):
         twice = torch.cat([x, x], 1).to(device)  # (B, 2L): passage, passage
         with autocast:
-            _, loss = token_losses(model, twice[:, :-1], twice[:, 1:])  # loss[:, t]: of token t + 1
+            loss = token_losses(model, twice[:, :-1], twice[:, 1:], data.vocab_size)  # loss[:, t]: of token t + 1
         first.append(loss[:, COPY_SKIP - 1:length - 1].float().cpu())
         second.append(loss[:, length + COPY_SKIP - 1:].float().cpu())
     first, second = torch.cat(first).mean().item(), torch.cat(second).mean().item()
@@ -112,7 +124,7 @@ def evaluate(model, data, n_sequences=128, batch_size=8, window=None, autocast=n
     sums, counts = torch.zeros(block_size, dtype=torch.float64), torch.zeros(block_size, dtype=torch.float64)
     for x, y in data.fixed_batches('val', block_size, n_sequences, batch_size):
         with autocast:
-            _, loss = token_losses(model, x.to(device), y.to(device))
+            loss = token_losses(model, x.to(device), y.to(device), data.vocab_size)
         counted = ~loss.isnan()
         sums += loss.nan_to_num().sum(0).double().cpu()
         counts += counted.sum(0).double().cpu()
@@ -133,7 +145,7 @@ def recall_accuracy(model, data, task, block_size, batch_size, autocast):
     for x, y in data.fixed_batches('test', block_size, data.meta['test_examples'], batch_size):
         x, y = x.to(device), y.to(device)
         with autocast:
-            logits, _ = model(x)
+            logits = token_logits(model, x, data.vocab_size)
         answers = y != IGNORE
         correct.append((logits.argmax(-1)[answers] == y[answers]).cpu())
         distances.append(answer_distances(x, y).cpu())
@@ -217,6 +229,12 @@ def evaluate_run(run_dir, dataset=None, n_sequences=128, batch_size=8, window=No
     model, ckpt = load_run(run_dir, device)
     dataset = dataset or ckpt['config']['dataset']
     data = Dataset(os.path.join('data', dataset))
+    check_vocabulary(data.meta, data.dir, ckpt.get('vocabulary'), os.path.join(run_dir, 'ckpt.pt'))
+    if copy_length is not None:  # checked before a result is reused, and never silently ignored
+        if data.format != 'stream':
+            raise SystemExit(f"--copy_length sets the copy test, which runs on token streams; {dataset} holds "
+                             "examples, so leave it unset")
+        check_copy_length(copy_length, model.config.block_size)
     key = {'version': EVAL_VERSION, 'checkpoint_sha256': file_sha256(os.path.join(run_dir, 'ckpt.pt')),
            'dataset': dataset, 'dataset_meta': data.meta,
            'n_sequences': n_sequences, 'window': window, 'copy_length': copy_length}
@@ -233,7 +251,8 @@ def evaluate_run(run_dir, dataset=None, n_sequences=128, batch_size=8, window=No
         raise SystemExit(f"dataset {dataset} has {data.vocab_size} token ids, the model of {run_dir} only "
                          f"{model.config.vocab_size}: evaluate it on the dataset it was trained on")
     for split in ('val', 'test') if (data.meta.get('task') or {}).get('name') == 'recall' else ('val',):
-        data.check(split, model.config.block_size)
+        data.check(split, model.config.block_size, fix="the model's context is fixed: evaluate it on data of longer "
+                                                       "sequences, such as the dataset it was trained on")
     result = evaluate(model, data, n_sequences, batch_size, window, autocast, copy_length)
     write_atomically(path, lambda f: json.dump({'key': key, 'result': result}, f), mode='w')
     return result
@@ -244,7 +263,7 @@ def main():
                     device='cuda' if torch.cuda.is_available() else 'cpu')
     configure(settings, sys.argv[1:])
     check_device(settings['device'])
-    for name in ('n_sequences', 'batch_size', 'window', 'copy_length'):
+    for name in ('n_sequences', 'batch_size', 'window'):  # copy_length: checked against the model's context
         if settings[name] is not None and settings[name] < 1:
             raise SystemExit(f"--{name} must be at least 1, got {settings[name]}")
     try:

@@ -185,8 +185,16 @@ def run_steps(out, dry):
 
 
 def load(out, name):
+    """The JSON a stage wrote into OUT, None if it wrote none."""
     path = os.path.join(out, name)
-    return json.load(open(path)) if os.path.exists(path) else None
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path, encoding='utf-8') as f:
+            return json.load(f)
+    except ValueError:
+        raise SystemExit(f"{path} is not complete JSON (the stage that writes it was cut off); run gpu_check.sh "
+                         "again, or delete that file to report the rest") from None
 
 
 def report(out):
@@ -252,17 +260,23 @@ def write_readme_section(markdown, readme='README.md'):
         f.write(head + START + '\n' + markdown + END + rest.split(END, 1)[1])
 
 
-if __name__ == '__main__':
-    if len(sys.argv) < 3 or sys.argv[1] not in ('steps', 'report'):
+def main(argv):
+    if len(argv) < 2 or argv[0] not in ('steps', 'report'):
         raise SystemExit(__doc__)
-    out = sys.argv[2]
-    os.makedirs(out, exist_ok=True)
-    if sys.argv[1] == 'steps':
-        run_steps(out, dry='--dry' in sys.argv)
-    else:
-        markdown = report(out)
-        with open(os.path.join(out, 'summary.md'), 'w', encoding='utf-8') as f:
-            f.write(markdown)
-        if '--readme' in sys.argv:
-            write_readme_section(markdown)
-        print(markdown)
+    out = argv[1]
+    if argv[0] == 'steps':
+        os.makedirs(out, exist_ok=True)
+        return run_steps(out, dry='--dry' in argv)
+    markdown = report(out) if os.path.isdir(out) else ''
+    if not markdown.strip():  # nothing is written, so a README section is never blanked
+        raise SystemExit(f"nothing to report in {out}: it holds no result of gpu_check.sh; run ./gpu_check.sh "
+                         f"DATA_DIR {out} on the GPU machine first, then report the folder it filled")
+    with open(os.path.join(out, 'summary.md'), 'w', encoding='utf-8') as f:
+        f.write(markdown)
+    if '--readme' in argv:
+        write_readme_section(markdown)
+    print(markdown)
+
+
+if __name__ == '__main__':
+    main(sys.argv[1:])

@@ -16,7 +16,12 @@
 # (without them the suite's tests of prepare.py fail there, the rest runs). A stage that fails is logged
 # and the next one runs.
 # GPU_CHECK_DRY=1: the same stages at tiny sizes on the CPU, the suite excepted (test_train.py runs this).
+# Every stage runs the interpreter in PYTHON (default: python3 on the PATH), e.g. PYTHON=.venv/bin/python.
 set -uo pipefail
+python=${PYTHON:-python3}
+# a relative path still names it after the cd below (made absolute, its links kept: a venv's python is one)
+[[ $python == */* ]] && python="$(cd "$(dirname "$python")" && pwd)/$(basename "$python")"
+command -v "$python" > /dev/null || { echo "no program '$python': set PYTHON to the Python with torch" >&2; exit 2; }
 cd "$(dirname "$0")"
 data=${1:?"usage: ./gpu_check.sh DATA_DIR [OUT_DIR]  (DATA_DIR from prepare.py, e.g. data/plays_50304)"}
 out=${2:-gpu-check}
@@ -40,36 +45,36 @@ else
   dry='' evals=(--eval_sequences=32 --eval_iters=10 --batch_size=8)
   if [ -d .gpu-wheels ]; then
     stage "packages from .gpu-wheels"
-    python3 -m pip install --quiet --no-index --no-deps --target "$work/deps" .gpu-wheels/*.whl && \
+    "$python" -m pip install --quiet --no-index --no-deps --target "$work/deps" .gpu-wheels/*.whl && \
       export PYTHONPATH="$work/deps${PYTHONPATH:+:$PYTHONPATH}"
   fi
   stage "machine"
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-  python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
+  "$python" -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
   stage "test suite"
-  timeout 180 python3 -m pytest -q -n 8 -p no:cacheprovider > "$out/tests.txt" 2>&1
+  timeout 180 "$python" -m pytest -q -n 8 -p no:cacheprovider > "$out/tests.txt" 2>&1
   echo "exit $?"; tail -n 5 "$out/tests.txt"
 fi
 
 stage "training steps and cached decoding"
-python3 gpu_check.py steps "$out" $dry || echo "steps: exit $?"
+"$python" gpu_check.py steps "$out" $dry || echo "steps: exit $?"
 
 stage "decode benchmark, eager"
-python3 bench.py --section=decode "${bench[@]}" --out_dir="$work/bench-eager" && \
+"$python" bench.py --section=decode "${bench[@]}" --out_dir="$work/bench-eager" && \
   cp "$work"/bench-eager/decode_*.json "$out/decode_eager.json"
 if [ -z "$dry" ]; then
   stage "decode benchmark, CUDA graphs"
-  python3 bench.py --section=decode "${bench[@]}" --decode_compile=cudagraphs --out_dir="$work/bench-graphs" && \
+  "$python" bench.py --section=decode "${bench[@]}" --decode_compile=cudagraphs --out_dir="$work/bench-graphs" && \
     cp "$work"/bench-graphs/decode_*.json "$out/decode_graphs.json"
 fi
 
 stage "the four regimes, $iters steps each"
-python3 compare.py "${shape[@]}" "${evals[@]}" --dataset="$(realpath "$data")" --out_dir="$work/train" \
+"$python" compare.py "${shape[@]}" "${evals[@]}" --dataset="$(realpath "$data")" --out_dir="$work/train" \
   --regimes=full,dar,uniform,local --dar_windows=$window --dar_ranks=$rank --seeds=1 --max_iters=$iters \
   --eval_interval=$iters --lr_decay_iters=$iters --warmup_iters=$((iters / 20)) --learning_rate=1e-3 \
   --min_lr=1e-4 --gradient_accumulation_steps=1 --log_interval=50 && \
   cp "$work/train/results.json" "$out/train_results.json" && cp "$work/train/loss_by_position.png" "$out/"
 
 stage "summary"
-python3 gpu_check.py report "$out"
+"$python" gpu_check.py report "$out"
 rm -rf "$work"

@@ -384,18 +384,16 @@ class GPT(nn.Module):
         return KVCache(self.config, batch_size, max_seq_len, device, dtype or self.compute_dtype(device), static)
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_token=None, step=None):
-        """Prefill idx (B, T), then sample a token a step from the KV cache (temperature 0: greedy).
-        Rows that emitted eos_token repeat it; generation stops once all have. step: this model compiled
-        (sampling.compile_step) decodes on a static cache, one graph a step (gpt-fast style)."""
-        V = self.config.vocab_size
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_token=None, n_tokens=None,
+                 step=None):
+        """Prefill idx (B, T), then sample a token a step from the KV cache (temperature 0: greedy), below n_tokens
+        (the rest is vocabulary padding). Rows that emitted eos_token repeat it; generation stops once all have.
+        step: this model compiled (sampling.compile_step) decodes on a static cache, one graph a step (gpt-fast)."""
+        V = min(n_tokens or self.config.vocab_size, self.config.vocab_size)
         if idx.dim() != 2 or not idx.shape[1] or idx.is_floating_point() or not 0 <= idx.min() <= idx.max() < V:
-            raise ValueError(f"idx must be token ids in [0, {V}) of shape (batch, tokens >= 1), got {idx.dtype} "
-                             f"{tuple(idx.shape)}")
+            raise ValueError(f"idx must be token ids in [0, {V}), shape (B, T > 0), got {idx.dtype} {tuple(idx.shape)}")
         (B, T), x, done = idx.shape, idx, torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
-        if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be at least 0, got {max_new_tokens}")
-        check_sampling(temperature, top_k, top_p)  # now, not after the prefill
+        check_sampling(temperature, top_k, top_p, max_new_tokens)  # now, not after the prefill
         if T + max_new_tokens > self.config.block_size:
             warnings.warn(f"{T} prompt + {max_new_tokens} new tokens go past the trained context (block_size "
                           f"{self.config.block_size}): expect worse text there", stacklevel=2)
@@ -403,7 +401,7 @@ class GPT(nn.Module):
         for i in range(max_new_tokens):  # the prompt eagerly, then one compiled graph a step
             compiled = i and step is not None
             last = step(x, cache=cache)[0][:, -1] if compiled else self.lm_head(self.hidden_states(x, cache)[:, -1])
-            x = sample_next(last, temperature, top_k, top_p)[:, None]
+            x = sample_next(last, temperature, top_k, top_p, V)[:, None]
             if eos_token is not None:  # (done.all() waits for the device: only where it can be true)
                 x = x.masked_fill(done[:, None], eos_token)
                 done |= x[:, 0] == eos_token
@@ -423,21 +421,21 @@ CacheView = namedtuple('CacheView', 'k v a b mask')  # what a layer reads: a chu
 
 
 class KVCache:
-    """Preallocated DAR KV cache. It only stores: `update` writes a layer's new keys and values and
-    hands back what that layer reads; the attention attends. Per layer, tensors of its own (a compiled step
-    writes them in place): a ring of the last W keys and values in full dims (B, H, W, d) and latents
-    (a, b) (B, H, max_seq_len - W, r), each computed when its token is written, so a ring slot can be
-    overwritten at any time. Full attention: a ring of max_seq_len; local-only: no latents. A step:
-    begin() (checks, plans), update() per layer, end_step(). A decode step that raised can be run again;
-    a chunk that raised may have overwritten ring slots it reads, so the cache then refuses input until
-    reset(). static: a decode step reads every slot, masking unwritten ones, and takes its position as a
-    tensor, so every step is one graph (compiled, replayed as a CUDA graph)."""
+    """Preallocated DAR KV cache. It only stores: `update` writes a layer's new keys and values and hands back what
+    that layer reads; the attention attends. Per layer, tensors of its own (a compiled step writes them in place): a
+    ring of the last W keys and values in full dims (B, H, W, d) and latents (a, b) (B, H, max_seq_len - W, r), each
+    computed when its token is written, so a ring slot can be overwritten at any time. Full attention: a ring of
+    max_seq_len; local-only: no latents. A step: begin() (checks, plans), update() per layer, end_step(). A decode
+    step that raised can be run again; a chunk that raised may have overwritten ring slots it reads, so the cache
+    then refuses input until reset(). static: a decode step reads every slot, masking unwritten ones, and takes its
+    position as a tensor, so every step is one graph (compiled, replayed as a CUDA graph)."""
 
     prefill_block = 256  # query block of a chunk: scores are (B, H, block, context) at a time
 
     def __init__(self, config, batch_size, max_seq_len, device, dtype, static=False):
-        if max_seq_len <= 0 or batch_size <= 0:
-            raise ValueError(f"batch_size and max_seq_len must be positive, got {batch_size}, {max_seq_len}")
+        if max_seq_len <= 0 or batch_size <= 0 or not dtype.is_floating_point:
+            raise ValueError(f"batch_size and max_seq_len must be positive and dtype floating, got {batch_size}, "
+                             f"{max_seq_len}, {dtype}")
         self.window, self.static, self.step, self.broken = config.window, static, None, False
         self.batch_size, self.max_seq_len, self.dtype = batch_size, max_seq_len, dtype
         layers, B, H, d, r = config.n_layer, batch_size, config.n_head, config.head_dim, config.dar_rank
@@ -456,6 +454,8 @@ class KVCache:
     length = property(lambda self: int(self.pos) if self.static else self.n_cached)  # tokens cached
 
     def reset(self, length=0):  # stale entries are never read; length > 0: as if that many were (benchmarks)
+        if not 0 <= length <= self.max_seq_len:
+            raise ValueError(f"reset(length={length}): a cache holds 0 to max_seq_len = {self.max_seq_len} tokens")
         self.n_cached, self.step, self.broken = length, None, False
         self.pos.fill_(length)
 

@@ -474,17 +474,24 @@ def write_sft(args, tokenizer, spec, out_dir):
         raise SystemExit(f"--sft reads JSON lines ({', '.join(JSON_EXTENSIONS)}), got {files[0]}")
     skipped = [] if args.skip_bad_rows else None
     pairs = list(sft_pairs(files, args.prompt_field, args.response_field, skipped))
+    if skipped and not pairs:
+        raise SystemExit(f"every row of {args.sft} is bad: --skip_bad_rows left out all {len(skipped)}, the first at "
+                         f"{skipped[0]}; fix them")
     splits = {'train': [p for i, p in enumerate(pairs) if i % args.val_every != args.val_every - 1],
               'val': [p for i, p in enumerate(pairs) if i % args.val_every == args.val_every - 1]}
     if not splits['val']:
         raise SystemExit(f"{len(pairs)} pair(s): validation takes every {args.val_every}th and got none; "
                          "lower --val_every (at least 2) or add pairs")
     length, dtype = args.block_size + 1, token_dtype(tokenizer.n_vocab, args.dtype)
+    examples = {split: list(tqdm(sft_examples(split_pairs, tokenizer, length, args.pack, skipped), desc=split,
+                                 unit='example')) for split, split_pairs in splits.items()}
+    for split, rows in examples.items():
+        if not rows:  # every pair of the split had a response too long, and --skip_bad_rows left it out
+            raise SystemExit(f"no {split} example is left: --skip_bad_rows left out every {split} pair ({len(skipped)} "
+                             f"bad row(s), the first at {skipped[0]}); raise --block_size or fix those rows")
     counts, targets = {}, {}
     with new_dataset(out_dir) as new:
-        for split, split_pairs in splits.items():
-            rows = list(tqdm(sft_examples(split_pairs, tokenizer, length, args.pack, skipped), desc=split,
-                             unit='example'))
+        for split, rows in examples.items():
             ids, mask = np.array([r[0] for r in rows], dtype=dtype), np.array([r[1] for r in rows], dtype=np.uint8)
             write_atomically(os.path.join(new, f'{split}.bin'), ids.tofile)
             write_atomically(os.path.join(new, f'{split}.mask.bin'), mask.tofile)

@@ -9,7 +9,6 @@ Sample from a trained model with the DAR KV cache (prefill once, then one token 
 Text is encoded and decoded with the tokenizer prepare.py recorded in the dataset's meta.json.
 """
 
-import json
 import os
 import sys
 import time
@@ -18,6 +17,7 @@ import torch
 
 from configurator import check_device, configure
 from cpu_matvec import reuse_freed_memory, use_matvec
+from data import check_vocabulary, read_meta
 from model import GPT, GPTConfig
 from prepare import load_tokenizer
 from sampling import check_sampling, compile_step
@@ -46,12 +46,11 @@ dtype = dtype or ('bfloat16' if device.startswith('cuda') else 'float32')  # fro
 check_device(device, dtype)
 top_k, top_p = top_k or None, top_p or None  # 0 turns them off here; sample_next takes None for that
 try:
-    check_sampling(temperature, top_k, top_p)
+    check_sampling(temperature, top_k, top_p, max_new_tokens)
 except ValueError as e:
     raise SystemExit(f"--{e}") from None
-if max_new_tokens < 0 or num_samples < 1:
-    raise SystemExit(f"max_new_tokens must be at least 0 and num_samples at least 1, got {max_new_tokens} and "
-                     f"{num_samples}")
+if num_samples < 1:
+    raise SystemExit(f"--num_samples must be at least 1, got {num_samples}")
 
 torch.manual_seed(seed)
 if init_from == 'resume':
@@ -82,22 +81,23 @@ if device == 'cpu' and dtype == 'float32':
     reuse_freed_memory()
 print(f"{model.config.regime} attention, {model.get_num_params() / 1e6:.2f}M non-embedding parameters")
 
-meta_path = dataset if os.path.isabs(dataset) else os.path.join('data', dataset)
-meta_path = os.path.join(meta_path, 'meta.json')
-meta = None
-if dataset and os.path.exists(meta_path):
-    try:
-        with open(meta_path, encoding='utf-8') as f:
-            meta = json.load(f)
-    except (OSError, ValueError) as e:
-        raise SystemExit(f"{meta_path} cannot be read ({e}); run prepare.py for that dataset again") from None
+data_dir = dataset if os.path.isabs(dataset) else os.path.join('data', dataset)
+meta_path = os.path.join(data_dir, 'meta.json')
+meta = read_meta(data_dir) if dataset and os.path.exists(meta_path) else None
+if meta is not None and init_from == 'resume':
+    check_vocabulary(meta, data_dir, checkpoint.get('vocabulary'), ckpt_path)
+# the dataset's own ids: the model's vocabulary is padded to a multiple of 64, and the padding is never sampled
+n_tokens = model.config.vocab_size if meta is None else meta['vocab_size']
+if n_tokens > model.config.vocab_size:
+    raise SystemExit(f"{meta_path} has {n_tokens} token ids, the model only {model.config.vocab_size}: --dataset does "
+                     "not match the checkpoint; name the dataset it was trained on")
 if meta is not None and meta.get('tokenizer') is None:  # a synthetic task (recall): token ids in and out
     def encode(text):
-        try:
-            return [int(t) for t in text.replace(',', ' ').split()]
-        except ValueError:
-            raise SystemExit(f"{meta_path}: this dataset has no tokenizer (a synthetic task): give the prompt as "
-                             "token ids, e.g. --start='3 17 5'") from None
+        words = text.replace(',', ' ').split()
+        if not words or not all(w.isdecimal() and int(w) < n_tokens for w in words):
+            raise SystemExit(f"--start={text!r}: this dataset ({meta_path}) has no tokenizer (a synthetic task): give "
+                             f"the prompt as token ids from 0 to {n_tokens - 1}, e.g. --start='3 17 5'")
+        return [int(w) for w in words]
     decode = lambda ids: ' '.join(map(str, ids))
 elif meta is not None:
     encode, decode = load_tokenizer(meta)
@@ -118,13 +118,11 @@ if start.startswith('FILE:'):
 ids = encode(start)
 if not ids:
     raise SystemExit("the prompt encodes to no tokens; give a non-empty --start")
-if max(ids) >= model.config.vocab_size:
-    raise SystemExit(f"the tokenizer gives ids up to {max(ids)} but the model's vocab_size is "
-                     f"{model.config.vocab_size}: --dataset does not match the checkpoint")
 x = torch.tensor([ids] * num_samples, dtype=torch.long, device=device)
 
 sync = torch.cuda.synchronize if device.startswith('cuda') else (lambda: None)
-generate = lambda: model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, step=step)
+generate = lambda: model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                                  n_tokens=n_tokens, step=step)
 step = compile_step(model) if compile else None
 if compile:  # compiles for this batch and length (and on CUDA records the graph): not timed
     t0 = time.perf_counter()

@@ -3,8 +3,10 @@
 import torch
 
 
-def check_sampling(temperature, top_k, top_p):
-    """A ValueError naming the first sampling setting out of range."""
+def check_sampling(temperature, top_k, top_p, max_new_tokens=0):
+    """A ValueError naming the first generation setting out of range."""
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be at least 0, got {max_new_tokens}")
     if not temperature >= 0:  # a negative one would turn the distribution upside down
         raise ValueError(f"temperature must be at least 0 (0: greedy), got {temperature}")
     if top_k is not None and top_k < 1:
@@ -13,9 +15,10 @@ def check_sampling(temperature, top_k, top_p):
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
 
 
-def sample_next(logits, temperature=1.0, top_k=None, top_p=None):
-    """One token per row from (B, V) logits."""
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None, n_tokens=None):
+    """One token per row from (B, V) logits, below n_tokens when given (the ids past it: vocabulary padding)."""
     check_sampling(temperature, top_k, top_p)
+    logits = logits[:, :n_tokens]
     if temperature == 0:
         return logits.argmax(-1)
     logits = logits.float() / temperature

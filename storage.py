@@ -46,7 +46,8 @@ def load_checkpoint(path):
         # (they suggest weights_only=False, which would run arbitrary code and not repair the file)
         raise SystemExit(f"{path} is corrupt or not a checkpoint of train.py ({e.__class__.__name__} while "
                          "reading it); restore it from a copy, or train again into a fresh --out_dir") from None
-    if not isinstance(checkpoint, dict) or not all(k in checkpoint for k in CHECKPOINT_KEYS):
-        raise SystemExit(f"{path} is not a checkpoint of train.py (it lacks {', '.join(CHECKPOINT_KEYS)}); "
+    missing = [k for k in CHECKPOINT_KEYS if k not in checkpoint] if isinstance(checkpoint, dict) else CHECKPOINT_KEYS
+    if missing:
+        raise SystemExit(f"{path} is not a checkpoint of train.py (it lacks {', '.join(missing)}); "
                          "restore it from a copy, or train again into a fresh --out_dir")
     return checkpoint

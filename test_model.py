@@ -496,6 +496,17 @@ def test_sampling_settings_out_of_range_are_named(kw, match):
         make_model('dar').eval().generate(torch.zeros(1, 3, dtype=torch.long), 4, **kw)
 
 
+def test_generate_never_samples_the_vocabulary_padding():
+    m = make_model('dar').eval()  # 97 ids; say the first 10 are the real vocabulary, the rest padding
+    torch.manual_seed(0)
+    out = m.generate(torch.zeros(2, 3, dtype=torch.long), 40, temperature=2.0, n_tokens=10)
+    assert out.shape == (2, 43) and out.max() < 10
+    assert (m.generate(torch.zeros(1, 3, dtype=torch.long), 5, temperature=0, n_tokens=10) < 10).all()
+    assert sampling.sample_next(torch.arange(20.0)[None], temperature=0, n_tokens=10).item() == 9
+    with pytest.raises(ValueError, match=r'idx must be token ids in \[0, 10\)'):
+        m.generate(torch.full((1, 3), 12), 2, n_tokens=10)
+
+
 def test_generate_length_checks():
     m = make_model('dar').eval()
     prompt = torch.zeros(1, 60, dtype=torch.long)
@@ -523,6 +534,11 @@ def test_cache_errors_are_clear():
             m(torch.zeros(3, 1, dtype=torch.long), cache=cache)
         with pytest.raises(ValueError, match='dtype'):
             m(torch.zeros(2, 1, dtype=torch.long), cache=m.new_cache(2, 20, dtype=torch.bfloat16))
+        for length in (-5, 21):  # refused at the call, not steps later
+            with pytest.raises(ValueError, match=rf'reset\(length={length}\): a cache holds 0 to max_seq_len = 20'):
+                cache.reset(length)
+        with pytest.raises(ValueError, match='dtype floating, got 2, 20, torch.int64'):
+            m.new_cache(2, 20, dtype=torch.int64)
         assert cache.length == 15  # failed calls left the cache untouched
         static = m.new_cache(2, 20, static=True)
         static.reset(length=20)  # a static decode step checks on the device (no host sync): it raises there

@@ -14,6 +14,7 @@ import evaluate
 import gpu_check
 import model
 import prepare
+import storage
 from configurator import configure
 from data import Dataset
 from conftest import ROOT, run
@@ -239,6 +240,18 @@ def test_configure(tmp_path):
                         (['--batch_size'], '--key=value'), (['nope.py'], 'no such config file')]:
         with pytest.raises(SystemExit, match=match):
             configure(dict(defaults), args)
+    # a config file with a Python error: its line and the error as a sentence, not a traceback through exec
+    for text, match in (("lr = 1\nbatch_size = 2 * block_size\n", r"line 2: NameError: name 'block_size' is not"),
+                        ("lr = 1\nbatch_size = (\n", r"line 2: SyntaxError: '\(' was never closed")):
+        cfg_file.write_text(text)
+        with pytest.raises(SystemExit, match=rf"c\.py, {match}.*; fix the config file"):
+            configure(dict(defaults), [str(cfg_file)])
+
+
+def test_a_checkpoint_without_some_of_train_pys_keys_names_them(tmp_path):
+    torch.save({'model': {}, 'model_args': {}, 'best_val_loss': 1.0, 'config': {}}, tmp_path / 'ckpt.pt')
+    with pytest.raises(SystemExit, match=r'ckpt\.pt is not a checkpoint of train\.py \(it lacks optimizer, iter_num\)'):
+        storage.load_checkpoint(tmp_path / 'ckpt.pt')
 
 # train.py -----------------------------------------------------------------------------------------
 
@@ -422,7 +435,24 @@ def test_train_on_examples_takes_block_size_from_them(recall, tmp_path):
     assert proc.returncode != 0 and 'block_size at most 39' in proc.stderr and 'Traceback' not in proc.stderr
     proc = run('evaluate.py', f'--out_dir={tmp_path}', '--n_sequences=4', cwd=tmp_path)
     assert 'recall accuracy' in proc.stdout and 'shortcut' in proc.stdout
+    proc = run('evaluate.py', f'--out_dir={tmp_path}', '--copy_length=8', cwd=tmp_path, check=False)  # not ignored
+    assert proc.returncode != 0 and 'copy test, which runs on token streams' in proc.stderr
     assert 'recall_accuracy_by_distance' in json.loads((tmp_path / 'eval.json').read_text())['result']
+
+def test_evaluation_scores_only_the_datasets_tokens(recall):
+    data = Dataset(recall[0])  # 32 ids; the model's 32 more are padding, no token of the data
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(block_size=39, vocab_size=64, n_layer=1, n_head=2, n_embd=32, dar_window=4)).eval()
+    result = evaluate.evaluate(m, data, n_sequences=4, batch_size=4)
+    (x, y), (x_test, y_test) = next(data.fixed_batches('val', 39, 4, 4)), next(data.fixed_batches('test', 39, 30, 30))
+    with torch.no_grad():
+        logits, logits_test = m(x)[0][..., :32], m(x_test)[0][..., :32]
+    loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), y, ignore_index=-1, reduction='none')
+    counted = (y != -1).sum(0)
+    expected = [None if c == 0 else v for v, c in zip((loss.sum(0) / counted.clamp(min=1)).tolist(), counted)]
+    assert result['loss_by_position'] == pytest.approx(expected, abs=1e-5)
+    answers = y_test != -1
+    assert result['recall_accuracy'] == (logits_test.argmax(-1)[answers] == y_test[answers]).float().mean().item()
 
 # compare.py ---------------------------------------------------------------------------------------
 
@@ -516,10 +546,12 @@ def test_retrofit_bad_settings(shakespeare, full_run, tmp_path, args, message):
 
 
 def test_retrofit_from_a_missing_model_is_named(shakespeare, full_run, tmp_path):
-    proc = run('train.py', *MODEL, '--block_size=32', f'--dataset={shakespeare[0]}', f'--out_dir={tmp_path}',
-               f'--init_from={tmp_path / "no-such-model"}', cwd=tmp_path, check=False)
-    assert proc.returncode != 0 and 'not a checkpoint file' in proc.stderr and 'no-such-model' in proc.stderr
-    assert 'Traceback' not in proc.stderr
+    # a value that can only be a path is one: named at once, never looked up on the Hub (5 retries offline)
+    for missing in (tmp_path / 'no-such-model', 'out-nonexist/ckpt.pt', './pythia-70m', 'a/b/c'):
+        proc = run('train.py', *MODEL, '--block_size=32', f'--dataset={shakespeare[0]}', f'--out_dir={tmp_path}',
+                   f'--init_from={missing}', cwd=tmp_path, check=False)
+        assert proc.returncode != 0 and f'--init_from={missing}: no such file or directory' in proc.stderr
+        assert 'Traceback' not in proc.stderr and not (tmp_path / 'ckpt.pt').exists()
     proc = run('train.py', *MODEL, '--block_size=32', f'--dataset={shakespeare[0]}', f'--out_dir={full_run}',
                f'--init_from={full_run / "ckpt.pt"}', '--overwrite=True', cwd=tmp_path, check=False)
     assert proc.returncode != 0 and "this run's own checkpoint" in proc.stderr
@@ -715,6 +747,27 @@ def test_a_dataset_prepared_again_does_not_change_under_a_run(tmp_path):
     assert torch.equal(after[0], before[0]) and torch.equal(after[1], before[1])
 
 
+def test_a_dataset_prepared_again_with_other_token_ids_is_refused(tmp_path):
+    data, out = tmp_path / 'recall', tmp_path / 'out'
+    args = ['--synthetic=recall', '--out_dir', str(data), '--seq_len=24', '--n_pairs=2', '--min_distance=8',
+            '--n_train=40', '--n_val=8', '--n_test=8']
+    prepare.main([*args, '--vocab_size=32'])
+    common = [*MODEL, f'--dataset={data}', f'--out_dir={out}', '--dar_window=4', '--eval_interval=1']
+    run('train.py', *common, '--max_iters=1', cwd=tmp_path)
+    prepare.main([*args, '--vocab_size=48'])  # the model's padded vocabulary is still 64: nothing else notices
+    for script, script_args in (('train.py', [*common, '--max_iters=2', '--init_from=resume']),
+                                ('evaluate.py', [f'--out_dir={out}', '--n_sequences=2']),
+                                ('sample.py', [f'--out_dir={out}', '--start=1 2', '--max_new_tokens=1'])):
+        proc = run(script, *script_args, cwd=tmp_path, check=False)
+        assert proc.returncode != 0 and 'Traceback' not in proc.stderr, script
+        assert (f"{data} is not the data {out / 'ckpt.pt'} was trained on: it holds 48 ids without a tokenizer, "
+                "the run learned 32 ids without a tokenizer") in proc.stderr, script
+    ckpt = torch.load(out / 'ckpt.pt', weights_only=True)
+    del ckpt['vocabulary']  # a checkpoint from before the record: read as before
+    torch.save(ckpt, out / 'ckpt.pt')
+    assert 'recall accuracy' in run('evaluate.py', f'--out_dir={out}', '--n_sequences=2', cwd=tmp_path).stdout
+
+
 @pytest.mark.parametrize('content', ['', '{"vocab_size": 10', '{"vocab_size": 10}'])
 def test_a_damaged_meta_json_is_named(tmp_path, content):
     (tmp_path / 'meta.json').write_text(content)
@@ -729,6 +782,10 @@ def test_a_damaged_meta_json_is_named(tmp_path, content):
     (['--device=tpu'], "device must be cpu, cuda or cuda:N, got 'tpu'"),
     (['--dtype=fp32'], "dtype must be one of float32, bfloat16, got 'fp32'"),
     (['--dar_window=16.5'], 'dar_window must be'),
+    (['--learning_rate=1e400'], 'learning_rate must be at least 0.0 and finite, got inf'),
+    (['--min_lr=0.01'], 'min_lr (0.01) is above learning_rate (0.003)'),
+    (['--lr_decay_iters=-5'], 'lr_decay_iters must be at least 0 and finite, got -5'),
+    (['--attn_impl=flex'], "--attn_impl=flex trains on CUDA only"),  # FlexAttention has no backward on the CPU
 ])
 def test_train_refuses_nonsense_before_writing(shakespeare, tmp_path, args, message):
     proc = run('train.py', *TINY, f'--dataset={shakespeare[0]}', f'--out_dir={tmp_path / "o"}', *args, cwd=tmp_path,
@@ -755,7 +812,8 @@ def test_a_good_checkpoint_on_a_missing_device_is_not_called_corrupt(straight_ru
 @pytest.mark.parametrize('args, message', [
     (['--window=-1'], '--window must be at least 1'),
     (['--batch_size=0'], '--batch_size must be at least 1'),
-    (['--copy_length=40'], 'copy_length must be in'),
+    (['--copy_length=40'], 'copy_length must be in (4, block_size // 2 = 16], got 40'),
+    (['--copy_length=0'], 'copy_length must be in (4, block_size // 2 = 16], got 0'),  # not "at least 1"
 ])
 def test_evaluate_bad_settings_are_named(straight_run, args, message):
     proc = run('evaluate.py', f'--out_dir={straight_run}', *args, cwd=straight_run, check=False)
@@ -766,25 +824,45 @@ def test_evaluate_on_a_dataset_that_does_not_fit_is_named(shakespeare, recall, t
     run('train.py', *MODEL, '--block_size=64', f'--dataset={shakespeare[0]}', f'--out_dir={tmp_path}', '--max_iters=0',
         cwd=tmp_path)  # a stream model of context 64: longer than the recall examples (40 tokens)
     proc = run('evaluate.py', f'--out_dir={tmp_path}', f'--dataset={recall[0]}', cwd=tmp_path, check=False)
-    assert proc.returncode != 0 and 'block_size' in proc.stderr and 'Traceback' not in proc.stderr
+    assert proc.returncode != 0 and 'is not the data' in proc.stderr and 'Traceback' not in proc.stderr
+    # the same tokenizer, but examples shorter than the model's context: evaluate.py has no block_size to set
+    sft = prepare.main(['--sft', sft_file(tmp_path / 'pairs.jsonl', PAIRS), '--prompt_field=q', '--response_field=a',
+                        '--block_size=24', '--val_every=3', '--out_dir', str(tmp_path / 'sft')])
+    assert sft['tokenizer'] == shakespeare[1]['tokenizer']
+    proc = run('evaluate.py', f'--out_dir={tmp_path}', f"--dataset={tmp_path / 'sft'}", cwd=tmp_path, check=False)
+    assert proc.returncode != 0 and 'Traceback' not in proc.stderr and 'leave block_size unset' not in proc.stderr
+    assert "block_size at most 24); the model's context is fixed: evaluate it on data of longer" in proc.stderr
 
 
 def test_sample_from_a_recall_checkpoint_reads_and_writes_token_ids(recall, tmp_path):
     run('train.py', *MODEL, f'--dataset={recall[0]}', f'--out_dir={tmp_path}', '--max_iters=1', '--dar_window=4',
         cwd=tmp_path)
-    proc = run('sample.py', f'--out_dir={tmp_path}', "--start=3 17 5", '--max_new_tokens=4', '--num_samples=1',
-               cwd=tmp_path)
-    assert proc.stdout.splitlines()[1].startswith('3 17 5 ') and len(proc.stdout.splitlines()[1].split()) == 7
-    proc = run('sample.py', f'--out_dir={tmp_path}', '--start=to be', cwd=tmp_path, check=False)
-    assert proc.returncode != 0 and 'no tokenizer' in proc.stderr and 'Traceback' not in proc.stderr
+    assert torch.load(tmp_path / 'ckpt.pt', weights_only=True)['model_args']['vocab_size'] == 64  # 32 + 32 padding
+    proc = run('sample.py', f'--out_dir={tmp_path}', "--start=3 17 5", '--max_new_tokens=36', '--num_samples=2',
+               '--temperature=2.0', cwd=tmp_path)
+    rows = [line.split() for line in proc.stdout.splitlines()[1:5:2]]
+    assert all(row[:3] == ['3', '17', '5'] and len(row) == 39 for row in rows)
+    assert max(int(t) for row in rows for t in row) < 32  # never a padding id
+    for start in ('to be', '\n', '999', '-3'):  # without --start the prompt is a newline
+        proc = run('sample.py', f'--out_dir={tmp_path}', f'--start={start}', cwd=tmp_path, check=False)
+        assert proc.returncode != 0 and 'Traceback' not in proc.stderr, start
+        assert 'no tokenizer' in proc.stderr and 'token ids from 0 to 31' in proc.stderr, start
     proc = run('sample.py', f'--out_dir={tmp_path}', '--dar_window=2', cwd=tmp_path, check=False)
     assert proc.returncode != 0 and 'keeps the attention it was trained with' in proc.stderr
 
 
-def test_compare_refuses_a_window_as_long_as_the_context_before_training(shakespeare, tmp_path):
-    proc = run('compare.py', *COMPARE, f'--dataset={shakespeare[0]}', f'--out_dir={tmp_path}', '--dar_windows=32',
-               cwd=tmp_path, check=False)
-    assert proc.returncode != 0 and 'must be below block_size' in proc.stderr and not os.listdir(tmp_path)
+@pytest.mark.parametrize('args, message', [
+    (['--dar_windows=32'], 'dar_windows must be below block_size (32)'),  # a window that long is full attention
+    (['--seeds=1,1'], 'seeds lists 1 more than once'),  # one run, counted twice, "± 0.0000"
+    (['--dar_windows=4', '--dar_ranks=8,4,8'], 'dar_ranks lists 8 more than once'),
+    (['--seeds=-1'], 'seeds must be at least 0, got -1'),
+    (['--dar_windows=0'], 'dar_windows must be at least 1, got 0'),
+])
+def test_compare_refuses_bad_lists_before_training(shakespeare, tmp_path, args, message):
+    proc = run('compare.py', *COMPARE, f'--dataset={shakespeare[0]}', f'--out_dir={tmp_path}', *args, cwd=tmp_path,
+               check=False)
+    assert proc.returncode != 0 and message in proc.stderr and 'Traceback' not in proc.stderr
+    assert not os.listdir(tmp_path)
 
 
 def test_skip_bad_rows_leaves_out_a_response_too_long(tmp_path):
@@ -792,14 +870,45 @@ def test_skip_bad_rows_leaves_out_a_response_too_long(tmp_path):
     meta = prepare.main(['--sft', path, '--prompt_field=q', '--response_field=a', '--block_size=24', '--val_every=3',
                          '--skip_bad_rows', '--out_dir', str(tmp_path / 'o')])
     assert meta['source']['skipped_rows'] == 1 and meta['train_examples'] + meta['val_examples'] == len(PAIRS)
+    # ... but a split left empty is refused, naming it, before anything is written
+    long = {'q': 'a prompt', 'a': 'far too long ' * 20}
+    for rows, message in (([p if i % 3 != 2 else long for i, p in enumerate(PAIRS)], 'no val example is left'),
+                          ([long] * 6, 'no train example is left'),
+                          ([{'q': 'no response'}] * 6, r'every row of .*pairs\.jsonl is bad')):
+        path = sft_file(tmp_path / 'pairs.jsonl', rows)
+        with pytest.raises(SystemExit, match=message):
+            prepare.main(['--sft', path, '--prompt_field=q', '--response_field=a', '--block_size=24', '--val_every=3',
+                          '--skip_bad_rows', '--out_dir', str(tmp_path / 'empty')])
+        assert not (tmp_path / 'empty').exists()
+
+
+def test_gpu_check_report_of_no_results_is_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    readme = tmp_path / 'README.md'
+    readme.write_text(f"# x\n{gpu_check.START}\nNot run yet.\n{gpu_check.END}\n")
+    (tmp_path / 'empty').mkdir()
+    for folder in ('missing', 'empty'):
+        with pytest.raises(SystemExit, match=f'nothing to report in {folder}: it holds no result of gpu_check.sh'):
+            gpu_check.main(['report', folder, '--readme'])
+    assert not (tmp_path / 'missing').exists() and not os.listdir(tmp_path / 'empty')
+    assert 'Not run yet.' in readme.read_text()
+    (tmp_path / 'empty' / 'steps.json').write_text('{"machine": "NVIDIA H2')  # the stage was cut off
+    with pytest.raises(SystemExit, match=r'steps\.json is not complete JSON.*delete that file to report the rest'):
+        gpu_check.main(['report', 'empty', '--readme'])
+    assert 'Not run yet.' in readme.read_text()
 
 
 def test_gpu_check_dry_run(shakespeare, tmp_path):
     # gpu_check.sh's stages at tiny sizes on the CPU, so that the one prepared GPU command cannot rot.
-    out, python_dir = tmp_path / 'out', os.path.dirname(sys.executable)
+    # every stage runs PYTHON, the interpreter the user chose (this one), never another python3 on the PATH
+    out, decoy = tmp_path / 'out', tmp_path / 'bin' / 'python3'
+    decoy.parent.mkdir()
+    decoy.write_text('#!/bin/sh\necho "the python3 on the PATH ran" >&2; exit 1\n')
+    decoy.chmod(0o755)
+    env = {**os.environ, 'GPU_CHECK_DRY': '1', 'OMP_NUM_THREADS': '1', 'PYTHON': sys.executable,
+           'PATH': f"{decoy.parent}:{os.environ['PATH']}"}
     proc = subprocess.run(['bash', os.path.join(ROOT, 'gpu_check.sh'), shakespeare[0], str(out)], capture_output=True,
-                          text=True, timeout=280, env={**os.environ, 'GPU_CHECK_DRY': '1', 'OMP_NUM_THREADS': '1',
-                                                       'PATH': f"{python_dir}:{os.environ['PATH']}"})
+                          text=True, timeout=280, env=env)
     assert proc.returncode == 0 and 'FAILED' not in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert {p.name for p in out.iterdir()} == {'log.txt', 'steps.json', 'decode_eager.json', 'train_results.json',
                                                'loss_by_position.png', 'summary.md'}  # + tests, graphs on a GPU

@@ -36,7 +36,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from configurator import check_device, configure
-from data import Dataset
+from data import Dataset, check_vocabulary, vocabulary
 import retrofit
 from model import GPT, GPTConfig
 from storage import load_checkpoint, write_atomically
@@ -99,14 +99,24 @@ for key in ('eval_interval', 'eval_iters', 'log_interval', 'batch_size', 'block_
 if seed < 0:
     raise SystemExit(f"seed must be at least 0, got {seed}")
 for key, low in (('learning_rate', 0.0), ('min_lr', 0.0), ('weight_decay', 0.0), ('grad_clip', 0.0),
-                 ('warmup_iters', 0), ('max_iters', 0), ('calibration_batches', 1)):
-    if not config[key] >= low:  # a negative grad_clip would reverse the gradient, a negative lr climb the loss
-        raise SystemExit(f"{key} must be at least {low}, got {config[key]}")
+                 ('warmup_iters', 0), ('max_iters', 0), ('lr_decay_iters', 0), ('calibration_batches', 1)):
+    # a negative grad_clip would reverse the gradient, a negative lr climb the loss, an infinite one end in nan
+    if config[key] is not None and not low <= config[key] < math.inf:
+        raise SystemExit(f"{key} must be at least {low} and finite, got {config[key]}")
+if min_lr > learning_rate:
+    raise SystemExit(f"min_lr ({min_lr}) is above learning_rate ({learning_rate}): the schedule decays from "
+                     "learning_rate down to min_lr; lower --min_lr or raise --learning_rate")
 if not (0 <= beta1 < 1 and 0 <= beta2 < 1):
     raise SystemExit(f"beta1 and beta2 must be in [0, 1), got {beta1} and {beta2}")
 if latent_init not in ('calibrated', 'random'):
     raise SystemExit(f"latent_init must be 'calibrated' or 'random', got '{latent_init}'")
 retrofit_from = None if init_from in ('scratch', 'resume') else init_from
+# a Hub name is org/name: a value that can only be a path is named at once when missing, never looked up there
+path_like = retrofit_from and (retrofit_from.endswith('.pt') or retrofit_from.startswith(('.', '/')) or
+                               retrofit_from.count('/') > 1)
+if path_like and not os.path.exists(retrofit_from):
+    raise SystemExit(f"--init_from={init_from}: no such file or directory; give the path of a ckpt.pt or of a "
+                     "GPT-NeoX model directory (a Hugging Face Hub name has the form org/name)")
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')
 if init_from == 'resume' and not os.path.exists(ckpt_path):
     raise SystemExit(f"--init_from=resume, but {ckpt_path} does not exist")
@@ -119,6 +129,9 @@ check_device(device, dtype)
 device_type = 'cuda' if device.startswith('cuda') else 'cpu'
 if device_type == 'cpu' and dtype != 'float32':
     raise SystemExit("bfloat16 autocast is used on CUDA only; on CPU use --dtype=float32")
+if device_type == 'cpu' and attn_impl == 'flex':
+    raise SystemExit("--attn_impl=flex trains on CUDA only: PyTorch runs FlexAttention's backward on GPUs, not on the "
+                     "CPU; train with --attn_impl=fused (the same attention, blockwise) or auto")
 lr_decay_iters = max_iters if lr_decay_iters is None else lr_decay_iters
 data = Dataset(os.path.join('data', dataset))
 if block_size is None:
@@ -193,6 +206,7 @@ checkpoint = base = None
 try:
     if init_from == 'resume':
         checkpoint = load_checkpoint(ckpt_path)
+        check_vocabulary(data.meta, data.dir, checkpoint.get('vocabulary'), ckpt_path)
         retrofit_from = checkpoint.get('retrofit_from')
     if retrofit_from is not None:
         base = load_base(retrofit_from) if checkpoint is None else None
@@ -373,6 +387,7 @@ def save_checkpoint():
         'best_val_loss': best_val_loss,
         'config': config,
         'retrofit_from': retrofit_from,
+        'vocabulary': vocabulary(data.meta),  # what the token ids mean: evaluate.py and resuming check it
     }
     # an interruption never leaves a truncated checkpoint behind
     write_atomically(ckpt_path, lambda f: torch.save(checkpoint, f))
