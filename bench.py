@@ -48,6 +48,7 @@ kv_budget_gib = 4.0  # the budget rows: the largest batch whose KV cache fits in
 budget_context = 0  # ... at this context, full vs DAR (0: the largest of decode_contexts)
 prefill_repeats = 3
 prefill_max_context = 0  # 0: 4096 on CPU (prefill is quadratic: minutes a run past it there), 32768 on CUDA
+reuse_freed = True  # CPU: cpu_matvec.reuse_freed_memory() (glibc keeps freed memory); False: as a plain decode loop runs
 out_dir = 'out-bench'  # the committed figures in results/ are written only when asked: --out_dir=results
 case = ''  # internal: one training case, run in a child process so its peak memory is its own
 seq_len = 0  # internal, with case
@@ -119,7 +120,8 @@ def build(window, rank, impl='auto', block_size=None):
         overrides['block_size'] = block_size
     model = GPT(GPTConfig.from_preset(preset, **overrides)).to(device=device, dtype=getattr(torch, dtype))
     if device == 'cpu':  # faster CPU decode steps, the same math
-        reuse_freed_memory()
+        if reuse_freed:
+            reuse_freed_memory()
         use_matvec(model)
     return model
 
@@ -373,7 +375,7 @@ def bench_decode():
               f"{r['decode_vs_full']:.2f} | {r['bw_fraction']:.0%} |")
     print('wrote', save('decode', dict(machine=machine(), preset=preset, dtype=dtype, dar_window=dar_window,
                                        dar_rank=dar_rank, read_bandwidth=bandwidth, decode_steps=decode_steps,
-                                       decode_repeats=decode_repeats, decode_modes=MODES,
+                                       decode_repeats=decode_repeats, decode_modes=MODES, reuse_freed=reuse_freed,
                                        kv_budget_gib=kv_budget_gib,
                                        budget_context=budget_context, rows=rows, budget_rows=budget_rows)))
     plot_decode([r for r in rows if r['batch'] == decode_batches[0] and r['mode'] == MODES[0]], decode_batches[0])
