@@ -48,7 +48,7 @@ kv_budget_gib = 4.0  # the budget rows: the largest batch whose KV cache fits in
 budget_context = 0  # ... at this context, full vs DAR (0: the largest of decode_contexts)
 prefill_repeats = 3
 prefill_max_context = 0  # 0: 4096 on CPU (prefill is quadratic: minutes a run past it there), 32768 on CUDA
-reuse_freed = True  # CPU: cpu_matvec.reuse_freed_memory() (glibc keeps freed memory); False: as a plain decode loop runs
+reuse_freed = True  # CPU: cpu_matvec.reuse_freed_memory() (glibc keeps freed memory); False: as a plain loop runs
 out_dir = 'out-bench'  # the committed figures in results/ are written only when asked: --out_dir=results
 case = ''  # internal: one training case, run in a child process so its peak memory is its own
 seq_len = 0  # internal, with case
@@ -366,8 +366,8 @@ def bench_decode():
             print(f"| {r['context']} | {r['case']} | {r['mode']} | {show(r['prefill_tok_s'], '.0f')} | "
                   f"{r['ms_per_step']:.2f} | {r['decode_tok_s']:.1f} | {r['decode_vs_full']:.2f} | "
                   f"{show(r['vs_eager'], '.2f')} | {r['bytes_ceiling']:.2f} | {r['of_ceiling']:.0%} | "
-                  f"{show(r['ops_per_step'], 'd')} | {show(r['device_busy_ms'], '.3f')} | {r['kv_bytes'] / 2**20:.1f} | "
-                  f"{r['achieved_bw'] / 1e9:.1f} GB/s ({r['bw_fraction']:.0%}) |")
+                  f"{show(r['ops_per_step'], 'd')} | {show(r['device_busy_ms'], '.3f')} | "
+                  f"{r['kv_bytes'] / 2**20:.1f} | {r['achieved_bw'] / 1e9:.1f} GB/s ({r['bw_fraction']:.0%}) |")
     print(f"\nThe largest batch whose KV cache fits in {kv_budget_gib} GiB, context {budget_context}\n"
           "| case | mode | batch | KV MiB | decode tok/s | x full | bandwidth |\n|---|---|---|---|---|---|---|")
     for r in budget_rows:

@@ -13,6 +13,7 @@ the static one compiled. --dry: the same at tiny sizes on the CPU (the test suit
 
 import contextlib
 import json
+import math
 import os
 import statistics
 import sys
@@ -201,8 +202,7 @@ def report(out):
     """The markdown of what OUT holds: the README's GPU section is this, written by this script."""
     lines = []
     steps = load(out, 'steps.json')
-    tests = open(os.path.join(out, 'tests.txt')).read().strip().splitlines() if os.path.exists(
-        os.path.join(out, 'tests.txt')) else []
+    tests = read_lines(out, 'tests.txt')
     if steps:
         lines += [f"Machine: {steps['machine']}, torch {steps['torch']}; command: `./gpu_check.sh` "
                   f"(output folder `{os.path.basename(os.path.normpath(out))}`).", '']
@@ -227,17 +227,20 @@ def report(out):
             lines.append(f'| {regime} | ' + ' | '.join(f"{d['relative_error']:.1e}" if 'error' not in d else
                                                         f"failed: {d['error'][:120]}"
                                                         for d in steps['decode'] if d['regime'] == regime) + ' |')
-    for name, title in (('decode_eager.json', 'eager'), ('decode_graphs.json', 'CUDA graphs')):
-        bench = load(out, name)
-        if bench:
-            lines += ['', f"Decode ({title}), `bench.py --section=decode`, {bench['dtype']}, "
-                          f"W={bench['dar_window']}, r={bench['dar_rank']}:", '',
-                      '| batch | context | case | decode tok/s | x full | KV MiB |', '|---|---|---|---|---|---|']
-            lines += [f"| {r['batch']} | {r['context']} | {r['case']} | {r['decode_tok_s']:.0f} | "
-                      f"{r['decode_vs_full']:.2f} | {r['kv_bytes'] / 2**20:.0f} |" for r in bench['rows']]
-            lines += [f"| budget {bench['kv_budget_gib']} GiB: {r['batch']} | {bench['budget_context']} | {r['case']} | "
-                      f"{r['decode_tok_s']:.0f} | {r['decode_vs_full']:.2f} | {r['kv_bytes'] / 2**20:.0f} |"
-                      for r in bench['budget_rows']]
+    for name, bench in decode_benches(out):
+        show = lambda v, f: '-' if v is None else format(v, f)
+        lines += ['', f"Decode, `bench.py --section=decode` ({name}), {bench['dtype']}, W={bench['dar_window']}, "
+                      f"r={bench['dar_rank']}; x full: against full attention's best mode in the same file:", '',
+                  '| batch | context | case | mode | prefill tok/s | ms/step | decode tok/s | x full | of ceiling | '
+                  'kernels | busy ms | KV MiB |', '|---|---|---|---|---|---|---|---|---|---|---|---|']
+        lines += [f"| {r['batch']} | {r['context']} | {r['case']} | {r['mode']} | {show(r['prefill_tok_s'], ',.0f')} | "
+                  f"{1e3 * r['batch'] / r['decode_tok_s']:.2f} | {r['decode_tok_s']:,.0f} | "
+                  f"{r['decode_vs_full']:.2f} | "
+                  f"{show(r.get('of_ceiling'), '.0%')} | {show(r.get('ops_per_step'), 'd')} | "
+                  f"{show(r.get('device_busy_ms'), '.2f')} | {r['kv_bytes'] / 2**20:.0f} |" for r in bench['rows']]
+        lines += [f"| budget {bench['kv_budget_gib']} GiB: {r['batch']} | {bench['budget_context']} | {r['case']} | "
+                  f"{r['mode']} | - | - | {r['decode_tok_s']:,.0f} | {r['decode_vs_full']:.2f} | | | | "
+                  f"{r['kv_bytes'] / 2**20:.0f} |" for r in bench['budget_rows']]
     train = load(out, 'train_results.json')
     if train:
         lines += ['', 'The four regimes, trained briefly (one seed; `compare.py` settings in log.txt):', '',
@@ -245,6 +248,56 @@ def report(out):
         for r in train['runs']:
             lines.append(f"| {r['name']} | {r['val_loss']:.4f} | {r.get('copy_loss_drop', float('nan')):.4f} | "
                          f"{r['tokens_per_sec'] or 0:,.0f} |")
+    return '\n'.join(lines) + '\n'
+
+
+def read_lines(out, name):
+    path = os.path.join(out, name)
+    return open(path, encoding='utf-8').read().strip().splitlines() if os.path.exists(path) else []
+
+
+def decode_benches(out):
+    """(file name, bench.py's decode JSON, every row with its mode) of each decode benchmark in out; files of
+    the first H200 run (decode_eager.json, decode_graphs.json) predate the mode column."""
+    for name, mode in (('decode.json', None), ('decode_compiled.json', None), ('decode_eager.json', 'eager'),
+                       ('decode_graphs.json', 'cudagraphs')):
+        bench = load(out, name)
+        if bench:
+            for r in bench['rows'] + bench['budget_rows']:
+                r.setdefault('mode', mode)
+            yield name, bench
+
+
+def headline(out, readme_dir='.'):
+    """The README's few lines of what OUT holds: DAR against full attention, each way of running the decode
+    step, and where the whole report is."""
+    steps, tests = load(out, 'steps.json'), read_lines(out, 'tests.txt')
+    summary = os.path.relpath(os.path.join(out, 'summary.md'), readme_dir)
+    lines = [f"{steps['machine'] + ', torch ' + steps['torch'] if steps else 'A GPU'}: `./gpu_check.sh`, the "
+             f"whole report in [{summary}]({summary})" + (f"; tests: `{tests[-1]}`" if tests else '') + '.', '']
+    cells = {}  # (what, mode) -> 'DAR tok/s vs full tok/s (ratio)'
+    for _, bench in decode_benches(out):
+        rows = [r for r in bench['rows'] if r['case'] in ('full', 'DAR')]
+        rows += [{**r, 'context': f"{bench['budget_context']}, {bench['kv_budget_gib']:g} GiB of KV"}
+                 for r in bench['budget_rows']]
+        for r in rows:
+            budget = 'GiB' in str(r['context'])
+            what = f"decode tok/s, context {r['context']}" + ('' if budget else f", batch {r['batch']}")
+            cells.setdefault((what, r['mode']), {})[r['case']] = r['decode_tok_s']
+    modes = list(dict.fromkeys(mode for _, mode in cells))
+    if cells:
+        lines += ['| DAR vs full | ' + ' | '.join(modes) + ' |', '|---|' + '---|' * len(modes)]
+        for what in dict.fromkeys(w for w, _ in cells):
+            pair = lambda c: f"{c['DAR']:,.0f} vs {c['full']:,.0f} ({c['DAR'] / c['full']:.2f}x)" if len(c) > 1 else '-'
+            lines.append(f"| {what} | " + ' | '.join(pair(cells.get((what, m), {})) for m in modes) + ' |')
+    best = {}  # regime -> (step seconds, path) of its fastest training step
+    for r in (steps or {}).get('training_steps', []):
+        if 'error' not in r and r['regime'] in ('full', 'dar'):
+            best[r['regime']] = min(best.get(r['regime'], (math.inf, '')), (r['step_s'], r['impl']))
+    if len(best) == 2:
+        (full, full_path), (dar, dar_path) = best['full'], best['dar']
+        lines += ['', f"A training step (bf16, the pythia-70m shape at T=2048, batch 8), each at its fastest path: DAR "
+                      f"{dar * 1e3:.1f} ms ({dar_path}), full {full * 1e3:.1f} ms ({full_path}): {dar / full:.2f}x."]
     return '\n'.join(lines) + '\n'
 
 
@@ -274,7 +327,7 @@ def main(argv):
     with open(os.path.join(out, 'summary.md'), 'w', encoding='utf-8') as f:
         f.write(markdown)
     if '--readme' in argv:
-        write_readme_section(markdown)
+        write_readme_section(headline(out))
     print(markdown)
 
 

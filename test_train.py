@@ -910,8 +910,8 @@ def test_gpu_check_dry_run(shakespeare, tmp_path):
     proc = subprocess.run(['bash', os.path.join(ROOT, 'gpu_check.sh'), shakespeare[0], str(out)], capture_output=True,
                           text=True, timeout=280, env=env)
     assert proc.returncode == 0 and 'FAILED' not in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert {p.name for p in out.iterdir()} == {'log.txt', 'steps.json', 'decode_eager.json', 'train_results.json',
-                                               'loss_by_position.png', 'summary.md'}  # + tests, graphs on a GPU
+    assert {p.name for p in out.iterdir()} == {'log.txt', 'steps.json', 'decode.json', 'train_results.json',
+                                               'loss_by_position.png', 'summary.md'}  # + tests, compiled on a GPU
     steps = json.loads((out / 'steps.json').read_text())
     assert len(steps['training_steps']) == 8 and len(steps['decode']) == 12
     for row in steps['training_steps']:
@@ -920,6 +920,17 @@ def test_gpu_check_dry_run(shakespeare, tmp_path):
     assert len(json.loads((out / 'train_results.json').read_text())['runs']) == 4
     readme = tmp_path / 'README.md'  # the report goes into the README by the script, between its markers
     readme.write_text(f"# x\n{gpu_check.START}\nSTALE\n{gpu_check.END}\nrest\n")
-    gpu_check.write_readme_section(gpu_check.report(out), readme)
+    gpu_check.write_readme_section(gpu_check.headline(out, tmp_path), readme)
     text = readme.read_text()
-    assert "STALE" not in text and '| dar | fused |' in text and text.endswith(f"{gpu_check.END}\nrest\n")
+    assert "STALE" not in text and '| DAR vs full | eager |' in text and text.endswith(f"{gpu_check.END}\nrest\n")
+    assert '[gpu-check/summary.md](gpu-check/summary.md)' in text and '| dar | fused |' in gpu_check.report(out)
+
+
+def test_gpu_check_reports_the_first_h200_run():
+    # The committed folder predates the decode modes: its two decode files still report, each as its mode.
+    folder = os.path.join(ROOT, 'results', 'h200-2026-11-30')
+    report, headline = gpu_check.report(folder), gpu_check.headline(folder)
+    assert '| 8 | 32768 | DAR | eager | - | 4.90 | 1,634 | 0.75 |' in report
+    assert '| 8 | 32768 | full | cudagraphs | - | 23.19 | 345 | 1.00 |' in report
+    assert '| decode tok/s, context 32768, batch 8 | 1,634 vs 2,179 (0.75x) | 943 vs 345 (2.73x) |' in headline
+    assert 'DAR 45.5 ms (sdpa), full 34.3 ms (sdpa): 1.33x.' in headline
