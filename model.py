@@ -105,7 +105,6 @@ class GPTConfig:
         return 'uniform' if self.dar_window == 0 else 'dar'
 
     window = property(lambda self: None if self.regime == 'full' else self.dar_window)  # None: unbounded
-
     has_latents = property(lambda self: self.regime in ('dar', 'uniform'))
 
 
@@ -479,10 +478,11 @@ class KVCache:
         if on_device:  # read every slot, mask what is not written yet; the position is a tensor
             pos, past = self.pos, f"a static cache step past its max_seq_len {self.max_seq_len}: make a larger cache"
             torch._assert_async(pos[0] < self.max_seq_len, past)  # checked on the device, raised at a sync
+            wrap = lambda n: pos % n if n else pos[:0]  # slots in bounds even past the end: the assert reports it
             slot = torch.arange(S + n_latents, device=self.device)
             written = torch.where(slot < S, slot <= pos, slot - S < first_local(pos, self.window))
             mask = torch.zeros(len(slot), device=self.device).masked_fill(~written, -math.inf)
-            self.step = CacheStep(pos, 1, pos % S if S else pos[:0], None, pos[:n_latents], S, n_latents, mask)
+            self.step = CacheStep(pos, 1, wrap(S), None, wrap(n_latents), S, n_latents, mask)
             return pos
         slots = lambda lo, hi: torch.arange(lo, hi, device=self.device) % max(S, 1)
         n_older = 0 if n == 1 else min(start, S if self.window is None else max(0, self.window - 1))
