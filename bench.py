@@ -187,7 +187,7 @@ def run_train_case():
         base = _rss_kib('VmRSS') * 1024
         step()
         peak = (_rss_kib('VmHWM') if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024 - base
-    print(json.dumps(dict(peak_bytes=peak)))
+    print(json.dumps(dict(peak_bytes=peak if peak > 0 else None)))  # None: this machine's RSS marks show nothing
 
 
 def run_child(name, T, what):
@@ -205,23 +205,27 @@ def run_child(name, T, what):
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
+show = lambda value, spec: '-' if value is None else format(value, spec)  # None: not measured here
+mib = lambda n: show(None if n is None else n / 2**20, '.0f')
+
+
 def bench_train():
     rows = []
     for T in train_seq_lens:
         for name in TRAIN_CASES:
             r = {**run_child(name, T, 'time'), **run_child(name, T, 'memory')}
             rows.append(dict(T=T, case=name, **r))
-            print(f"  T={T:5d} {name:16s} {r['seconds']:8.3f} s  {r['peak_bytes'] / 2**20:8.0f} MiB", flush=True)
+            print(f"  T={T:5d} {name:16s} {r['seconds']:8.3f} s  {mib(r['peak_bytes']):>8} MiB", flush=True)
     for r in rows:
         full = next(f for f in rows if f['T'] == r['T'] and f['case'] == 'full (sdpa)')
         r['time_vs_full'] = r['seconds'] / full['seconds']
-        r['memory_vs_full'] = r['peak_bytes'] / full['peak_bytes']
+        r['memory_vs_full'] = r['peak_bytes'] / full['peak_bytes'] if r['peak_bytes'] and full['peak_bytes'] else None
     print(f"\nTraining step (forward + backward), {preset}, batch 1, W={dar_window}, r={dar_rank}, "
           f"{dtype}, {machine()}; median of {train_repeats}")
     print(f"| T | case | step s | x full | peak MiB | x full |\n|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['T']} | {r['case']} | {r['seconds']:.3f} | {r['time_vs_full']:.2f} | "
-              f"{r['peak_bytes'] / 2**20:.0f} | {r['memory_vs_full']:.2f} |")
+              f"{mib(r['peak_bytes'])} | {show(r['memory_vs_full'], '.2f')} |")
     print('wrote', save('train', dict(machine=machine(), preset=preset, dtype=dtype, dar_window=dar_window,
                                       dar_rank=dar_rank, repeats=train_repeats, rows=rows)))
 
@@ -362,7 +366,6 @@ def bench_decode():
         for r in rows:
             if r['batch'] != batch:
                 continue
-            show = lambda v, f: '-' if v is None else format(v, f)
             print(f"| {r['context']} | {r['case']} | {r['mode']} | {show(r['prefill_tok_s'], '.0f')} | "
                   f"{r['ms_per_step']:.2f} | {r['decode_tok_s']:.1f} | {r['decode_vs_full']:.2f} | "
                   f"{show(r['vs_eager'], '.2f')} | {r['bytes_ceiling']:.2f} | {r['of_ceiling']:.0%} | "

@@ -561,7 +561,8 @@ def test_bench_runs_and_writes_results(tmp_path):
     out = tmp_path / 'out-bench'  # not the committed results/: those only when asked
     train = json.loads((out / 'train_cpu.json').read_text())
     assert {r['case'] for r in train['rows']} == {'full (sdpa)', 'DAR (sdpa)', 'DAR (fused)', 'uniform (auto)'}
-    assert all(r['seconds'] > 0 and r['peak_bytes'] > 0 for r in train['rows'])
+    # peak memory None: the machine's RSS marks showed nothing (seen in the H200 machine's container)
+    assert all(r['seconds'] > 0 and (r['peak_bytes'] is None or r['peak_bytes'] > 0) for r in train['rows'])
     decode = json.loads((out / 'decode_cpu.json').read_text())
     assert {(r['batch'], r['context']) for r in decode['rows']} == {(1, 24), (1, 48), (2, 24), (2, 48)}
     dar = next(r for r in decode['rows'] if r['case'] == 'DAR' and r['context'] == 48 and r['batch'] == 2)
