@@ -18,10 +18,10 @@ below are compare.py's own; every other one (in config files or --key=value) goe
 train.py for every run. Each run lives in <out_dir>/<name>-seed<seed>/ (e.g. dar-W16-r8);
 running the same command again continues unfinished runs from their checkpoints, and a run
 whose recorded settings differ from the ones asked for is an error, never silently reused.
-After training every run is evaluated (evaluate.py: loss by position and the copy test on a token
-stream; recall accuracy on a recall dataset, with the binding rate and its 95% interval from 3
-seeds on). Writes <out_dir>/results.json, results.md, val_loss.png, loss_by_position.png,
-memory_quality.png (every seed a point) and copy_test.png.
+After training every run is evaluated (evaluate.py: loss by position, the copy test and the loss on
+long-range tokens on a token stream; recall accuracy on a recall dataset, with the binding rate and
+its 95% interval from 3 seeds on). Writes <out_dir>/results.json, results.md, val_loss.png,
+loss_by_position.png, memory_quality.png (every seed a point), copy_test.png and long_range.png.
 
 Retrofit (the paper's second experiment): every run starts from the same trained full-attention
 model and continues on the same data for the same steps; the control is full attention:
@@ -275,15 +275,18 @@ def steps_to_bind(run):
 def summarize_setting(rs, full_by_seed):
     """Mean and spread over the seeds of one setting (rs: its runs)."""
     first = rs[0]
+
+    def minus_full(key):
+        # seeds move every regime together (init, data order), so the paired difference to the
+        # same seed's full-attention run is the sharper measure
+        return mean_spread([r[key] - full_by_seed[r['seed']][key] for r in rs if r['seed'] in full_by_seed
+                            and r[key] is not None and full_by_seed[r['seed']][key] is not None])
     s = {
         'regime': first['regime'], 'dar_window': first['dar_window'], 'dar_rank': first['dar_rank'],
         'params': first['params'], 'kv_bytes_per_token': first['kv_bytes_per_token'],
         'val_loss': mean_spread([r['val_loss'] for r in rs]),
         'perplexity': mean_spread([r['perplexity'] for r in rs]),
-        # seeds move every regime together (init, data order), so the paired difference to the
-        # same seed's full-attention run is the sharper measure
-        'val_loss_minus_full': mean_spread([r['val_loss'] - full_by_seed[r['seed']]['val_loss']
-                                            for r in rs if r['seed'] in full_by_seed]),
+        'val_loss_minus_full': minus_full('val_loss'),
         'val_loss_start': mean_spread([r['val_loss_start'] for r in rs]),
         'steps_to_within_1pct': [steps_to_control(r, full_by_seed[r['seed']]) for r in rs if r['seed'] in full_by_seed],
         'tokens_per_sec': mean_spread([r['tokens_per_sec'] for r in rs]),
@@ -299,6 +302,11 @@ def summarize_setting(rs, full_by_seed):
                         'steps_to_bind': [steps_to_bind(r) for r in rs]}
     if 'copy_loss_drop' in first:
         s['copy_loss_drop'] = mean_spread([r['copy_loss_drop'] for r in rs])
+    if 'long_range_loss' in first:
+        for kind in ('long_range', 'short_range'):
+            s[f'{kind}_loss'] = mean_spread([r[f'{kind}_loss'] for r in rs])
+            s[f'{kind}_tokens'] = mean_spread([r[f'{kind}_tokens'] for r in rs])
+        s['long_range_loss_minus_full'] = minus_full('long_range_loss')
     return s
 
 
@@ -326,6 +334,7 @@ def write_report(results):
                      f"is within 1% (or 0.001) of full attention's at that step, per seed ('never': not within "
                      f"{first['iters']} steps).")
     copy = 'copy_loss_drop' in first
+    long_range = 'long_range_loss' in first
     binding = recall and len(seed_list) >= 3
     if recall:
         lines.append(f"Recall accuracy on {first['recall_answers']} test answers; chance "
@@ -336,10 +345,17 @@ def write_report(results):
     if copy:
         lines.append(f"copy drop: loss on the first minus the second copy of {first['copy_length']}-token validation "
                      "passages each followed by itself (positive: the model copies from that far back).")
+    if long_range:
+        lines.append(f"long-range / short-range loss: mean loss on the validation tokens that copying predicts (the "
+                     f"token after the last earlier occurrence of the {first['long_range_n']} tokens before it) where "
+                     f"that occurrence is >= W = {reference_window} back / < W back ({first['long_range_tokens']:,} / "
+                     f"{first['short_range_tokens']:,} tokens); a long-range loss below local-only's comes from "
+                     "distant tokens.")
     buckets = list(first.get('recall_accuracy_by_distance', {}))
     header = ["regime", "window W", "rank r"] + (["latent maps", "val loss at step 0"] if retrofit else [])
     header += ["val loss", "minus full (same seed)"] + (["within 1% at step"] if retrofit else []) + ["long-ctx gain"]
     header += ["copy drop"] if copy else []
+    header += ["long-range loss", "long-range minus full", "short-range loss"] if long_range else []
     if recall:
         header += ["recall acc"] + [f"acc @ dist {b}" for b in buckets]
     header += ["binds", "95% interval", "steps to bind"] if binding else []
@@ -357,6 +373,8 @@ def write_report(results):
         row.append(fmt(s['long_context_gain'], 4))
         if copy:
             row.append(fmt(s['copy_loss_drop'], 4))
+        if long_range:
+            row += [fmt(s[key], 4) for key in ('long_range_loss', 'long_range_loss_minus_full', 'short_range_loss')]
         if recall:
             row += [fmt(s['recall_accuracy'], 3)] + [fmt(s['recall_accuracy_by_distance'][b], 3) for b in buckets]
         if binding:
@@ -380,9 +398,14 @@ def write_report(results):
         'loss by position' + (' (mean, band: min-max over seeds)' if len(seed_list) > 1 else ''))
     plot_memory_quality(summary, results)
     if copy:
-        plot_copy(summary, results)
+        plot_per_setting(summary, results, {'copy_loss_drop': None}, 'loss on copy 1 - loss on copy 2',
+                         f"copy test: {first['copy_length']}-token passages, each followed by itself", 'copy_test.png')
+    if long_range:
+        plot_per_setting(summary, results, {'short_range_loss': f'copied from < W = {reference_window} back',
+                                            'long_range_loss': f'copied from >= W = {reference_window} back'},
+                         'validation loss on those tokens', "tokens copying predicts", 'long_range.png')
     print(f"wrote {out_dir}/results.json, results.md, val_loss.png, loss_by_position.png, memory_quality.png"
-          + (", copy_test.png" if copy else ""))
+          + (", copy_test.png" if copy else "") + (", long_range.png" if long_range else ""))
 
 
 def plot_curves(results, names):
@@ -460,25 +483,30 @@ def plot_memory_quality(summary, results):
     plt.close(fig)
 
 
-def plot_copy(summary, results):
-    """The copy test of every setting: its mean loss drop, and every seed a point."""
+def plot_per_setting(summary, results, metrics, ylabel, title, filename):
+    """metrics ({key: label, or None for no legend}) of every setting side by side: the mean a bar, every seed a
+    point."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
-    names = list(summary)
-    fig, ax = plt.subplots(figsize=(max(5, 0.8 * len(names) + 2), 3.5))
-    ax.bar(range(len(names)), [summary[n]['copy_loss_drop'][0] for n in names], color='lightsteelblue')
-    for i, name in enumerate(names):
-        drops = [r['copy_loss_drop'] for r in results if r['name'] == name]
-        ax.scatter([i] * len(drops), drops, color='black', s=10, zorder=3)
+    names, width = list(summary), 0.8 / len(metrics)
+    fig, ax = plt.subplots(figsize=(max(5, 0.8 * len(names) * len(metrics) + 2), 3.5))
+    for j, (key, label) in enumerate(metrics.items()):
+        xs = [i + (j - (len(metrics) - 1) / 2) * width for i in range(len(names))]
+        ax.bar(xs, [summary[n][key][0] if summary[n][key] else 0 for n in names], width, label=label,
+               color=plt.cm.Pastel1.colors[j] if len(metrics) > 1 else 'lightsteelblue')
+        for x, name in zip(xs, names):
+            values = [r[key] for r in results if r['name'] == name and r[key] is not None]
+            ax.scatter([x] * len(values), values, color='black', s=10, zorder=3)
     ax.axhline(0, color='gray', linewidth=0.8)
     ax.set_xticks(range(len(names)), names, rotation=30, ha='right', fontsize=8)
-    ax.set_ylabel('loss on copy 1 - loss on copy 2')
-    ax.set_title(f"copy test: {results[0]['copy_length']}-token passages, each followed by itself "
-                 "(bar: mean, dots: seeds)", fontsize=9)
+    ax.set_ylabel(ylabel)
+    ax.set_title(f"{title} (bar: mean, dots: seeds)", fontsize=9)
     ax.grid(alpha=0.3, axis='y')
+    if len(metrics) > 1:
+        ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, 'copy_test.png'), dpi=120)
+    fig.savefig(os.path.join(out_dir, filename), dpi=120)
     plt.close(fig)
 
 

@@ -37,8 +37,9 @@ from model import GPT, GPTConfig
 from storage import load_checkpoint, write_atomically
 
 DISTANCE_BUCKETS = 4  # recall accuracy by key-to-query distance: equal-width buckets
-EVAL_VERSION = 2  # what eval.json holds; a cached result of another version is computed again
+EVAL_VERSION = 3  # what eval.json holds; a cached result of another version is computed again
 COPY_SKIP = 4  # tokens at the start of each copy the copy test leaves out: no copy can predict them yet
+LONG_RANGE_N = 3  # a long- or short-range token follows an earlier occurrence of the LONG_RANGE_N tokens before it
 
 
 def load_run(out_dir, device='cpu'):
@@ -99,6 +100,28 @@ def copy_test(model, data, length, n_sequences=128, batch_size=8, autocast=nullc
             'copy_loss_drop': first - second}
 
 
+def copy_distances(tokens, n=LONG_RANGE_N):
+    """For a sequence of len(tokens) - 1 targets (target t is tokens[t + 1], predicted from tokens[:t + 1]), how
+    far back copying finds each: t - s for the last s < t at which the n tokens ending at s equal the n ending at t,
+    when the token after them, tokens[s + 1], is the target; 0 where copying does not predict it (no earlier
+    occurrence, or another token followed the last one)."""
+    last, distances = {}, [0] * (len(tokens) - 1)
+    for t in range(n - 1, len(tokens) - 1):
+        ngram = tuple(tokens[t - n + 1:t + 1])
+        s = last.get(ngram)
+        if s is not None and tokens[s + 1] == tokens[t + 1]:
+            distances[t] = t - s
+        last[ngram] = t
+    return distances
+
+
+def copy_masks(x, y, window):
+    """(long, short): boolean masks over the targets y of inputs x (a stream's (B, T) batch) of the tokens copying
+    predicts from >= window back and from < window back (copy_distances)."""
+    distances = torch.tensor([copy_distances(row) for row in torch.cat([x, y[:, -1:]], 1).tolist()])
+    return distances >= window, (distances > 0) & (distances < window)
+
+
 def recall_baselines(n_pairs, n_values):
     """Chance (a uniform guess among the values), and the shortcut: a model that never binds a
     key to its value but guesses among the values not yet asked for gets query j (of P) right
@@ -117,20 +140,28 @@ def answer_distances(x, y):
 
 @torch.no_grad()
 def evaluate(model, data, n_sequences=128, batch_size=8, window=None, autocast=nullcontext(), copy_length=None):
-    """Loss by position on data's val split, long-context gain, the copy test on a token stream, and
-    on a recall dataset the recall accuracy on its test split. Returns a dict for results.json."""
+    """Loss by position on data's val split, long-context gain, the copy test and the long-range tokens on a
+    token stream, and on a recall dataset the recall accuracy on its test split. Returns a dict for results.json."""
     block_size, device = model.config.block_size, next(model.parameters()).device
     window = model.config.window if window is None else window
     sums, counts = torch.zeros(block_size, dtype=torch.float64), torch.zeros(block_size, dtype=torch.float64)
+    copied = {'long_range': [0.0, 0], 'short_range': [0.0, 0]}  # loss sum and count of each kind of copied token
     for x, y in data.fixed_batches('val', block_size, n_sequences, batch_size):
         with autocast:
-            loss = token_losses(model, x.to(device), y.to(device), data.vocab_size)
-        counted = ~loss.isnan()
-        sums += loss.nan_to_num().sum(0).double().cpu()
-        counts += counted.sum(0).double().cpu()
+            loss = token_losses(model, x.to(device), y.to(device), data.vocab_size).double().cpu()
+        sums += loss.nan_to_num().sum(0)
+        counts += (~loss.isnan()).sum(0)
+        if data.format == 'stream' and window:
+            for kind, mask in zip(copied, copy_masks(x, y, window)):
+                copied[kind][0] += loss[mask].sum().item()
+                copied[kind][1] += int(mask.sum())
     by_position = [s / c if c else None for s, c in zip(sums.tolist(), counts.tolist())]
     result = {'loss_by_position': by_position, 'long_context_window': window,
               'long_context_gain': long_context_gain(by_position, window)}
+    if data.format == 'stream' and window:
+        result['long_range_n'] = LONG_RANGE_N
+        for kind, (total, n) in copied.items():
+            result.update({f'{kind}_loss': total / n if n else None, f'{kind}_tokens': n})
     if data.format == 'stream' and block_size // 2 > COPY_SKIP:
         result.update(copy_test(model, data, copy_length or block_size // 2, n_sequences, batch_size, autocast))
     task = data.meta.get('task') or {}
@@ -282,6 +313,12 @@ def main():
         print(f"copy test ({result['copy_length']}-token passages, each followed by itself): loss "
               f"{result['copy_loss_first']:.4f} on the first copy, {result['copy_loss_second']:.4f} on the second, "
               f"drop {result['copy_loss_drop']:+.4f}")
+    if 'long_range_loss' in result:
+        losses = {kind: '-' if result[f'{kind}_loss'] is None else f"{result[f'{kind}_loss']:.4f}"
+                  for kind in ('long_range', 'short_range')}
+        print(f"tokens copying predicts (after an earlier occurrence of the {result['long_range_n']} tokens before "
+              f"them), loss: {losses['long_range']} on the {result['long_range_tokens']} whose occurrence is >= "
+              f"W={window} back, {losses['short_range']} on the {result['short_range_tokens']} within W")
     if 'recall_accuracy' in result:
         print(f"recall accuracy {result['recall_accuracy']:.3f} over {result['recall_answers']} answers "
               f"(chance {result['recall_chance']:.3f}, shortcut without binding {result['recall_shortcut']:.3f})")

