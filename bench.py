@@ -44,6 +44,7 @@ decode_repeats = 5
 # static cache through torch.compile, as sample.py --compile: CUDA graphs on CUDA), 'cudagraphs' (CUDA: the eager
 # kernels captured). '': eager,compiled on CUDA; eager on CPU, where inductor takes about 30 s a shape
 decode_modes = ''
+decode_cases = 'full,DAR,uniform,local-only'  # full and DAR at least: the ratios are DAR against full
 kv_budget_gib = 4.0  # the budget rows: the largest batch whose KV cache fits in this many GiB...
 budget_context = 0  # ... at this context, full vs DAR (0: the largest of decode_contexts)
 prefill_repeats = 3
@@ -92,6 +93,9 @@ TRAIN_CASES = {
 }
 DECODE_CASES = {'full': regime('full'), 'DAR': regime('dar'), 'uniform': regime('uniform'),
                 'local-only': regime('local')}
+if not {'full', 'DAR'} <= set(decode_cases.split(',')) <= set(DECODE_CASES):
+    raise SystemExit(f"decode_cases must list full and DAR, and may add uniform and local-only, got '{decode_cases}'")
+DECODE_CASES = {name: DECODE_CASES[name] for name in decode_cases.split(',')}
 
 
 def sync():

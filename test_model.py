@@ -579,9 +579,10 @@ def test_bench_times_eager_and_compiled_decode_side_by_side(tmp_path, monkeypatc
     monkeypatch.setattr(torch, 'compile', lambda model, **kw: compile_(model, **kw, backend='aot_eager'))
     run('bench.py', '--section=decode', '--device=cpu', '--preset=tiny', '--dar_window=16', '--dar_rank=8',
         '--decode_contexts=[24]', '--decode_steps=2', '--decode_repeats=1', '--prefill_repeats=1',
-        '--decode_batches=[2]', '--kv_budget_gib=0.001', '--decode_modes=eager,compiled', cwd=tmp_path)
+        '--decode_batches=[2]', '--kv_budget_gib=0.001', '--decode_modes=eager,compiled', '--decode_cases=full,DAR',
+        cwd=tmp_path)
     decode = json.loads((tmp_path / 'out-bench' / 'decode_cpu.json').read_text())
-    assert {(r['case'], r['mode']) for r in decode['rows']} == {(c, m) for c in ('full', 'DAR', 'uniform', 'local-only')
+    assert {(r['case'], r['mode']) for r in decode['rows']} == {(c, m) for c in ('full', 'DAR')
                                                                 for m in ('eager', 'compiled')}
     for r in decode['rows']:
         eager = r['mode'] == 'eager'
@@ -598,6 +599,7 @@ def test_bench_times_eager_and_compiled_decode_side_by_side(tmp_path, monkeypatc
     (['--decode_steps=0'], 'decode_steps must be at least 1'),
     (['--decode_modes=eager,graphs'], "decode_modes must be a comma-separated list of eager, compiled and"),
     (['--decode_contexts=[0]'], 'decode_contexts must be a list of integers >= 1'),
+    (['--decode_cases=DAR,uniform'], 'decode_cases must list full and DAR'),
     (['--dar_rank=100'], 'dar_rank must be <= head_dim'),
     (['--device=cuda:x'], 'device must be cpu, cuda or cuda:N'),
 ])
