@@ -244,13 +244,19 @@ def report(out):
         lines += [f"| budget {bench['kv_budget_gib']} GiB: {r['batch']} | {bench['budget_context']} | {r['case']} | "
                   f"{r['mode']} | - | - | {r['decode_tok_s']:,.0f} | {r['decode_vs_full']:.2f} | | | | "
                   f"{r['kv_bytes'] / 2**20:.0f} |" for r in bench['budget_rows']]
-    train = load(out, 'train_results.json')
-    if train:
-        lines += ['', 'The four regimes, trained briefly (one seed; `compare.py` settings in log.txt):', '',
-                  '| run | val loss | copy drop | tokens/s |', '|---|---|---|---|']
-        for r in train['runs']:
-            lines.append(f"| {r['name']} | {r['val_loss']:.4f} | {r.get('copy_loss_drop', float('nan')):.4f} | "
-                         f"{r['tokens_per_sec'] or 0:,.0f} |")
+    for name, title in (('train_results.json', 'The four regimes on the plays, trained briefly'),
+                        ('code_results.json', 'The regimes on the Python standard library (long-range loss: tokens '
+                                              'copying predicts from >= W back; short-range: < W back)')):
+        train = load(out, name)
+        if train:
+            show = lambda r, key, spec='.4f': '-' if r.get(key) is None else format(r[key], spec)
+            lines += ['', f"{title} (`compare.py` settings in log.txt):", '',
+                      '| run | seed | val loss | copy drop | long-range loss | short-range loss | tokens/s |',
+                      '|---|---|---|---|---|---|---|']
+            lines += [f"| {r['name']} | {r.get('seed', '-')} | {show(r, 'val_loss')} | {show(r, 'copy_loss_drop')} | "
+                      f"{show(r, 'long_range_loss')} | {show(r, 'short_range_loss')} | "
+                      f"{show(r, 'tokens_per_sec', ',.0f')} |"
+                      for r in train['runs']]
     return '\n'.join(lines) + '\n'
 
 

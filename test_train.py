@@ -991,7 +991,9 @@ def test_gpu_check_dry_run(shakespeare, tmp_path):
     gpu_check.write_readme_section(gpu_check.headline(out, tmp_path), readme)
     text = readme.read_text()
     assert "STALE" not in text and '| DAR vs full | eager |' in text and text.endswith(f"{gpu_check.END}\nrest\n")
-    assert '[out/summary.md](out/summary.md)' in text and '| dar | fused |' in gpu_check.report(out)
+    report = gpu_check.report(out)
+    assert '[out/summary.md](out/summary.md)' in text and '| dar | fused |' in report
+    assert 'The regimes on the Python standard library' in report and '| long-range loss |' in report
 
 
 def test_gpu_check_reports_the_first_h200_run():
