@@ -24,7 +24,7 @@ import torch
 
 from configurator import check_device, configure
 from cpu_matvec import reuse_freed_memory, use_matvec
-from gpu_check import OpCounter
+from gpu_check import OpCounter, show
 from model import GPT, GPTConfig, regime_settings
 from sampling import compile_step
 
@@ -209,7 +209,6 @@ def run_child(name, T, what):
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
-show = lambda value, spec: '-' if value is None else format(value, spec)  # None: not measured here
 mib = lambda n: show(None if n is None else n / 2**20, '.0f')
 
 
@@ -316,11 +315,11 @@ def bench_decode():
     for batch in decode_batches:
         for ctx in decode_contexts:
             for name, model in models.items():
+                kv, full_kv, weights = kv_bytes(model, batch, ctx), kv_bytes(models['full'], batch, ctx), \
+                    weight_bytes(model)
                 for mode in MODES:
                     prefill_tok_s, steps_per_s, ops, busy_ms = decode_case(model, batch, ctx, mode,
                                                                            prefill=mode == MODES[0])
-                    kv, weights = kv_bytes(model, batch, ctx), weight_bytes(model)
-                    full_kv = kv_bytes(models['full'], batch, ctx)
                     rows.append(dict(batch=batch, context=ctx, case=name, mode=mode, prefill_tok_s=prefill_tok_s,
                                      decode_tok_s=batch * steps_per_s, ms_per_step=1e3 / steps_per_s,
                                      ops_per_step=ops, device_busy_ms=busy_ms, kv_bytes=kv, weight_bytes=weights,

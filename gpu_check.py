@@ -83,6 +83,11 @@ def attention_error(impl, regime, device, T, B, W, r):
     return max(errors).item()
 
 
+def show(value, spec):
+    """value formatted by spec, or '-' where it was not measured (None)."""
+    return '-' if value is None else format(value, spec)
+
+
 def failed(row, error):
     """A first GPU run: what broke is noted in its row, and the rest still runs."""
     print(f"FAILED {row}: {type(error).__name__}: {error}", flush=True)
@@ -231,12 +236,12 @@ def report(out):
                                                         f"failed: {d['error'][:120]}"
                                                         for d in steps['decode'] if d['regime'] == regime) + ' |')
     for name, bench in decode_benches(out):
-        show = lambda v, f: '-' if v is None else format(v, f)
         lines += ['', f"Decode, `bench.py --section=decode` ({name}), {bench['dtype']}, W={bench['dar_window']}, "
                       f"r={bench['dar_rank']}; x full: against full attention's best mode in the same file:", '',
                   '| batch | context | case | mode | prefill tok/s | ms/step | decode tok/s | x full | of ceiling | '
                   'kernels | busy ms | KV MiB |', '|---|---|---|---|---|---|---|---|---|---|---|---|']
-        lines += [f"| {r['batch']} | {r['context']} | {r['case']} | {r['mode']} | {show(r['prefill_tok_s'], ',.0f')} | "
+        lines += [f"| {r['batch']} | {r['context']} | {r['case']} | {r['mode']} | "
+                  f"{show(r['prefill_tok_s'], ',.0f')} | "
                   f"{1e3 * r['batch'] / r['decode_tok_s']:.2f} | {r['decode_tok_s']:,.0f} | "
                   f"{r['decode_vs_full']:.2f} | "
                   f"{show(r.get('of_ceiling'), '.0%')} | {show(r.get('ops_per_step'), 'd')} | "
@@ -249,13 +254,12 @@ def report(out):
                                               'copying predicts from >= W back; short-range: < W back)')):
         train = load(out, name)
         if train:
-            show = lambda r, key, spec='.4f': '-' if r.get(key) is None else format(r[key], spec)
             lines += ['', f"{title} (`compare.py` settings in log.txt):", '',
                       '| run | seed | val loss | copy drop | long-range loss | short-range loss | tokens/s |',
                       '|---|---|---|---|---|---|---|']
-            lines += [f"| {r['name']} | {r.get('seed', '-')} | {show(r, 'val_loss')} | {show(r, 'copy_loss_drop')} | "
-                      f"{show(r, 'long_range_loss')} | {show(r, 'short_range_loss')} | "
-                      f"{show(r, 'tokens_per_sec', ',.0f')} |"
+            losses = ('val_loss', 'copy_loss_drop', 'long_range_loss', 'short_range_loss')
+            lines += [f"| {r['name']} | {r.get('seed', '-')} | " + ' | '.join(show(r.get(k), '.4f') for k in losses) +
+                      f" | {show(r.get('tokens_per_sec'), ',.0f')} |"
                       for r in train['runs']]
     return '\n'.join(lines) + '\n'
 

@@ -121,9 +121,9 @@ if not ids:
 x = torch.tensor([ids] * num_samples, dtype=torch.long, device=device)
 
 sync = torch.cuda.synchronize if device.startswith('cuda') else (lambda: None)
+step = compile_step(model) if compile else None
 generate = lambda: model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                                   n_tokens=n_tokens, step=step)
-step = compile_step(model) if compile else None
 if compile:  # compiles for this batch and length (and on CUDA records the graph): not timed
     t0 = time.perf_counter()
     generate()

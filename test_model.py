@@ -46,6 +46,13 @@ def small_fused_block(monkeypatch):
     monkeypatch.setattr(model, 'FUSED_BLOCK', 8)
 
 
+@pytest.fixture
+def aot_eager_compile(monkeypatch):
+    # torch.compile traces as for inductor, without its code generation (the decode-step test reads inductor's code)
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, 'compile', lambda model, **kw: compile_(model, **kw, backend='aot_eager'))
+
+
 def rel_err(a, b):
     return ((a - b).abs().max() / b.abs().max().clamp(min=1e-12)).item()
 
@@ -448,7 +455,7 @@ def test_cache_nbytes_matches_design_formula(regime):
 
 
 @pytest.mark.parametrize('regime', list(REGIMES))
-def test_greedy_generate_equals_argmax_of_full_forwards(regime, monkeypatch):
+def test_greedy_generate_equals_argmax_of_full_forwards(regime, aot_eager_compile):
     m = make_model(regime).eval()
     prompt = torch.randint(0, 97, (2, W + 2), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
@@ -460,8 +467,6 @@ def test_greedy_generate_equals_argmax_of_full_forwards(regime, monkeypatch):
     # gpt-fast style, as sample.py --compile runs it: the prompt eagerly, then the compiled step on a
     # static cache (aot_eager traces as inductor does; inductor's code is the decode-step test's)
     torch._dynamo.reset()
-    compile_ = torch.compile
-    monkeypatch.setattr(torch, 'compile', lambda model, **kw: compile_(model, **kw, backend='aot_eager'))
     with torch._dynamo.config.patch(error_on_recompile=True):
         assert torch.equal(m.generate(prompt, 20, temperature=0, step=sampling.compile_step(m)), x)
 
@@ -573,10 +578,8 @@ def test_bench_runs_and_writes_results(tmp_path):
     assert (out / 'decode_cpu.png').stat().st_size > 0
 
 
-def test_bench_times_eager_and_compiled_decode_side_by_side(tmp_path, monkeypatch):
+def test_bench_times_eager_and_compiled_decode_side_by_side(tmp_path, aot_eager_compile):
     import json
-    compile_ = torch.compile  # traced as inductor would trace it, without its code generation
-    monkeypatch.setattr(torch, 'compile', lambda model, **kw: compile_(model, **kw, backend='aot_eager'))
     run('bench.py', '--section=decode', '--device=cpu', '--preset=tiny', '--dar_window=16', '--dar_rank=8',
         '--decode_contexts=[24]', '--decode_steps=2', '--decode_repeats=1', '--prefill_repeats=1',
         '--decode_batches=[2]', '--kv_budget_gib=0.001', '--decode_modes=eager,compiled', '--decode_cases=full,DAR',
@@ -610,9 +613,7 @@ def test_bench_bad_settings_are_named(args, message, tmp_path):
 
 
 @pytest.mark.parametrize('compiled', [False, True])
-def test_sample_from_random_preset(compiled, monkeypatch):
-    compile_ = torch.compile  # traced as inductor would trace it, without its code generation
-    monkeypatch.setattr(torch, 'compile', lambda model, **kw: compile_(model, **kw, backend='aot_eager'))
+def test_sample_from_random_preset(compiled, aot_eager_compile):
     out = run('sample.py', '--init_from=tiny', '--dar_window=8', '--max_new_tokens=5', '--num_samples=1',
               f'--compile={compiled}').stdout
     assert 'tokens/s' in out and ('decode step compiled in' in out) == compiled
@@ -652,11 +653,9 @@ def test_generate_names_a_bad_prompt(prompt):
         make_model('dar').eval().generate(prompt, 2)
 
 
-def test_the_readme_api_snippet_runs_as_written(monkeypatch):
+def test_the_readme_api_snippet_runs_as_written(aot_eager_compile):
     readme = open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'README.md'), encoding='utf-8').read()
     snippet = readme.split('## Model and cache API', 1)[1].split('```python\n', 1)[1].split('```', 1)[0]
-    compile_ = torch.compile  # traced as inductor would trace it, without its minutes of code generation
-    monkeypatch.setattr(torch, 'compile', lambda model, **kw: compile_(model, backend='aot_eager', **kw))
     torch._dynamo.reset()
     namespace = {}
     exec(compile(snippet, 'README.md', 'exec'), namespace)
