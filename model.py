@@ -12,7 +12,7 @@ Per head (head dim d, latent rank r, window W), with q, k, v after the rotary em
 A distant token is only ever read as its latent (a_j, b_j): 2r numbers per head instead of 2d; the up
 maps meet the query and the weighted latent sum, never a cached token. Full attention, uniform reduction
 and local-only are settings of the same block (regime_settings). Exact, interchangeable attention paths:
-naive (the reference), sdpa, fused (blockwise, flash-style backward), the KV cache's absorbed decode step.
+naive (the reference), sdpa, fused (blockwise, flash-style backward), flex (flex.py), the absorbed decode step.
 Reading order: config, the local/distant rule, attention, DARAttention, Block, GPT, KVCache, the fused path.
 """
 
@@ -177,19 +177,21 @@ def decode_attention(q, view, up_k, up_v):
     return out
 
 
-def fused_attention(q, k, v, window, maps, block=None):
-    return FusedDARAttention.apply(q, k, v, *(maps or (None,) * 4), window, block or FUSED_BLOCK)
+def fused_attention(q, k, v, window, maps):
+    return FusedDARAttention.apply(q, k, v, *(maps or (None,) * 4), window, FUSED_BLOCK['cuda' if q.is_cuda else 'cpu'])
 
 
 ATTENTION = {'naive': naive_attention, 'sdpa': sdpa_attention, 'fused': fused_attention,
-             'flex': lambda *args: __import__('flex').dar_attention(*args)}  # block-sparse, for GPUs: flex.py
+             'flex': lambda *args: __import__('flex').dar_attention(*args)}  # latent space, for GPUs: flex.py
 
 
 def resolve_attn_impl(config, T, device):
-    """The path 'auto' stands for at length T: measured on CPU (docs/benchmarks.md), not yet on CUDA."""
+    """The path 'auto' stands for at length T, after bench.py's tables (docs/benchmarks.md): SDPA's causal kernel
+    for full attention; for the other regimes the fused path on a CPU from 1k tokens, FlexAttention on CUDA."""
     if config.attn_impl != 'auto':
         return config.attn_impl
-    return 'fused' if config.regime != 'full' and device.type == 'cpu' and T >= 1024 else 'sdpa'
+    return 'sdpa' if config.regime == 'full' else {'cpu': 'fused' if T >= 1024 else 'sdpa', 'cuda': 'flex'}.get(
+        device.type, 'sdpa')
 
 
 # ---- The model
@@ -279,10 +281,8 @@ class Block(nn.Module):
 
     def forward(self, x, cos, sin, cache=None):
         attn = self.dropout(self.attn(self.ln_1(x), cos, sin, cache))
-        if self.parallel_residual:
-            return x + attn + self.dropout(self.mlp(self.ln_2(x)))
-        x = x + attn
-        return x + self.dropout(self.mlp(self.ln_2(x)))
+        h = x + attn  # the MLP reads x beside the attention (parallel, GPT-NeoX), or after it
+        return h + self.dropout(self.mlp(self.ln_2(x if self.parallel_residual else h)))
 
 
 def init_latent_maps(down, up, directions=None):
@@ -522,7 +522,7 @@ class KVCache:
 
 # ---- The fused path: blockwise, one online softmax, a flash-style backward. No T x T matrix.
 
-FUSED_BLOCK = 128  # queries per block: scores are (B, H, 128, keys) at a time (docs/benchmarks.md)
+FUSED_BLOCK = {'cpu': 128, 'cuda': 1024}  # queries per block; scores are (B, H, block, keys) at a time
 
 # A query block reads k[band] in full dims and latents [0, n_far), those before far_mask_from distant
 # to all its queries; band_mask and far_mask (True: not read; None: nothing) cover the rest.
