@@ -22,7 +22,7 @@ import time
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from model import ATTENTION, GPT, REGIMES, GPTConfig, regime_settings
+from model import ATTENTION, ATTN_IMPLS, GPT, REGIMES, GPTConfig, regime_settings
 
 
 class OpCounter(TorchDispatchMode):
@@ -86,6 +86,28 @@ def attention_error(impl, regime, device, T, B, W, r):
 def show(value, spec):
     """value formatted by spec, or '-' where it was not measured (None)."""
     return '-' if value is None else format(value, spec)
+
+
+def mib(n):
+    """n bytes in MiB, or '-' where it was not measured (None)."""
+    return show(None if n is None else n / 2**20, '.0f')
+
+
+def train_table(bench):
+    """Markdown lines of bench.py's training grid (its JSON): every case, then the path 'auto' picks."""
+    lines = ["x full: against full attention's fastest path (time) and its smallest peak (memory) at the same T; "
+             "(auto): the path attn_impl='auto' picks there.", '',
+             '| T | batch | regime | path | step ms | x full | peak MiB | x full |', '|---' * 8 + '|']
+    order = lambda r: (r['T'], REGIMES.index(r['regime']), ATTN_IMPLS.index(r['path']))
+    for r in sorted(bench['rows'], key=order):
+        cells = f"| {r['T']} | {r['batch']} | {r['regime']} | {r['path']}{' (auto)' * r['auto']} |"
+        lines.append(f"{cells} failed: {r['error'][:200]} | | | |" if 'error' in r else
+                     f"{cells} {r['seconds'] * 1e3:,.1f} | {show(r['time_vs_full'], '.2f')} | {mib(r['peak_bytes'])} | "
+                     f"{show(r['memory_vs_full'], '.2f')} |")
+    regimes = list(next(iter(bench['auto'].values())))
+    lines += ['', "The path attn_impl='auto' picks:", '', '| T | ' + ' | '.join(regimes) + ' |',
+              '|---|' + '---|' * len(regimes)]
+    return lines + [f"| {T} | " + ' | '.join(picks.values()) + ' |' for T, picks in bench['auto'].items()]
 
 
 def failed(row, error):
@@ -225,9 +247,9 @@ def report(out):
             if 'error' in s:
                 lines.append(f"| {s['regime']} | {s['impl']} | failed: {s['error'][:200]} | | | | |")
                 continue
-            peak = '-' if s['peak_bytes'] is None else f"{s['peak_bytes'] / 2**20:.0f}"
-            lines.append(f"| {s['regime']} | {s['impl']} | {s['step_s'] * 1000:.1f} | {peak} | {s['ops']} | "
-                         f"{len(s['host_syncs']) if s['ops'] is not None else '-'} | {s['error_vs_naive']:.1e} |")
+            lines.append(f"| {s['regime']} | {s['impl']} | {s['step_s'] * 1000:.1f} | {mib(s['peak_bytes'])} | "
+                         f"{s['ops']} | {len(s['host_syncs']) if s['ops'] is not None else '-'} | "
+                         f"{s['error_vs_naive']:.1e} |")
         lines += ['', 'Cached decoding against the full forward (largest logit error / largest logit):', '',
                   '| regime | ' + ' | '.join(dict.fromkeys(d['cache'] for d in steps['decode'])) + ' |',
                   '|---|---|---|---|']
@@ -235,6 +257,11 @@ def report(out):
             lines.append(f'| {regime} | ' + ' | '.join(f"{d['relative_error']:.1e}" if 'error' not in d else
                                                         f"failed: {d['error'][:120]}"
                                                         for d in steps['decode'] if d['regime'] == regime) + ' |')
+    train = load(out, 'train_bench.json')
+    if train:
+        lines += ['', f"A training step at each length, `bench.py --section=train` ({train['tokens']:,} tokens a "
+                      f"step, {train['dtype']}{' autocast' * train['autocast']}, W={train['dar_window']}, "
+                      f"r={train['dar_rank']}; median of {train['repeats']}):", '', *train_table(train)]
     for name, bench in decode_benches(out):
         lines += ['', f"Decode, `bench.py --section=decode` ({name}), {bench['dtype']}, W={bench['dar_window']}, "
                       f"r={bench['dar_rank']}; x full: against full attention's best mode in the same file:", '',

@@ -975,15 +975,18 @@ def test_gpu_check_dry_run(shakespeare, tmp_path):
     proc = subprocess.run(['bash', os.path.join(ROOT, 'gpu_check.sh'), shakespeare[0], str(out)], capture_output=True,
                           text=True, timeout=280, env=env)
     assert proc.returncode == 0 and 'FAILED' not in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert {p.name for p in out.iterdir()} == {'log.txt', 'steps.json', 'decode.json', 'train_results.json',
-                                               'loss_by_position.png', 'summary.md', 'code_meta.json',
-                                               'code_results.json', 'code_long_range.png',
+    assert {p.name for p in out.iterdir()} == {'log.txt', 'steps.json', 'train_bench.json', 'decode.json',
+                                               'train_results.json', 'loss_by_position.png', 'summary.md',
+                                               'code_meta.json', 'code_results.json', 'code_long_range.png',
                                                'code_loss_by_position.png'}  # + tests, compiled on a GPU
     assert json.loads((out / 'code_meta.json').read_text())['source']['kind'] == 'python'
     steps = json.loads((out / 'steps.json').read_text())
     assert len(steps['training_steps']) == 8 and len(steps['decode']) == 12
     for row in steps['training_steps']:
         assert row['host_syncs'] == [] and row['ops'] > 0 and row['error_vs_naive'] < 0.03, row
+    bench = json.loads((out / 'train_bench.json').read_text())
+    assert [(r['regime'], r['auto'], 'error' in r) for r in bench['rows']] == [('full', True, False),
+                                                                               ('dar', True, False)]
     assert all(row['relative_error'] < 0.02 for row in steps['decode'])
     assert len(json.loads((out / 'train_results.json').read_text())['runs']) == 4
     readme = tmp_path / 'README.md'  # the report goes into the README by the script, between its markers
@@ -993,6 +996,8 @@ def test_gpu_check_dry_run(shakespeare, tmp_path):
     assert "STALE" not in text and '| DAR vs full | eager |' in text and text.endswith(f"{gpu_check.END}\nrest\n")
     report = gpu_check.report(out)
     assert '[out/summary.md](out/summary.md)' in text and '| dar | fused |' in report
+    assert '`bench.py --section=train` (80 tokens a step, float32, W=16, r=4; median of 1)' in report
+    assert f"| 40 | 2 | dar | {bench['auto']['40']['dar']} (auto) |" in report
     assert 'The regimes on the Python standard library' in report and '| long-range loss |' in report
 
 
