@@ -2,7 +2,7 @@
 Benchmarks of DAR against full attention, measured side by side in one run: every figure is
 the median of several timed runs after an untimed warm-up, fenced by device synchronisation.
 
-    python bench.py --section=train    # one training step: time and peak memory
+    python bench.py --section=train    # a training step at each length, regime and path: time and peak memory
     python bench.py --section=decode   # KV cache: prefill and decode tokens/s, bytes, bandwidth
     python bench.py                    # both
 
@@ -24,8 +24,8 @@ import torch
 
 from configurator import check_device, configure
 from cpu_matvec import reuse_freed_memory, use_matvec
-from gpu_check import OpCounter, show
-from model import GPT, GPTConfig, regime_settings
+from gpu_check import OpCounter, mib, show, train_table
+from model import ATTN_IMPLS, GPT, REGIMES, GPTConfig, regime_settings, resolve_attn_impl
 from sampling import compile_step
 
 section = 'all'  # 'train', 'decode' or 'all'
@@ -34,8 +34,14 @@ device = 'cuda' if torch.cuda.is_available() else 'cpu'
 dtype = ''  # '': bfloat16 on CUDA, float32 on CPU
 dar_window = 256
 dar_rank = 16  # d / 4 at head dim 64
-train_seq_lens = [1024, 4096, 8192]
+train_seq_lens = []  # []: 2048, 8192, 16384, 32768 on CUDA; 1024, 4096 on CPU, where the grid takes minutes
+train_tokens = 0  # tokens a step: batch train_tokens // T (one sequence past it); 0: 16384 on CUDA, 4096 on CPU
+train_regimes = 'full,dar,uniform,local'  # full at least: the ratios are against it
+# attn_impl paths, side by side (comma-separated); 'auto': the one attn_impl='auto' picks at that T, measured once
+# with its row marked. '': sdpa,fused,flex,auto on CUDA; sdpa,fused,auto on CPU (FlexAttention has no backward there)
+train_paths = ''
 train_repeats = 5
+train_case_timeout = 1200.0  # seconds a case's process may run before the case is recorded as failed
 decode_contexts = [1024, 4096, 16384, 32768]
 decode_batches = [1, 8]  # one decode table per batch size
 decode_steps = 32  # tokens per timed decode run
@@ -51,15 +57,18 @@ prefill_repeats = 3
 prefill_max_context = 0  # 0: 4096 on CPU (prefill is quadratic: minutes a run past it there), 32768 on CUDA
 reuse_freed = True  # CPU: cpu_matvec.reuse_freed_memory() (glibc keeps freed memory); False: as a plain loop runs
 out_dir = 'out-bench'  # the committed figures in results/ are written only when asked: --out_dir=results
-case = ''  # internal: one training case, run in a child process so its peak memory is its own
+case = ''  # internal: one training case, 'regime:path', run in a child process so its peak memory is its own
 seq_len = 0  # internal, with case
-measure = 'time'  # internal, with case: 'time' or 'memory'
+measure = 'time'  # internal, with case: 'time', 'memory' or both ('time,memory')
 
 config = {k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, str, list))}
 configure(config, sys.argv[1:])
 globals().update(config)
 # defaults that depend on the device, resolved from the device asked for
 dtype = config['dtype'] = dtype or ('bfloat16' if device.startswith('cuda') else 'float32')
+train_seq_lens = train_seq_lens or ([2048, 8192, 16384, 32768] if device.startswith('cuda') else [1024, 4096])
+train_tokens = train_tokens or (16384 if device.startswith('cuda') else 4096)
+train_paths = train_paths or ('sdpa,fused,flex,auto' if device.startswith('cuda') else 'sdpa,fused,auto')
 prefill_max_context = prefill_max_context or (4096 if device == 'cpu' else 32768)
 check_device(device, dtype)
 budget_context = budget_context or max(decode_contexts)
@@ -76,6 +85,23 @@ MODES = decode_modes.split(',')
 if not set(MODES) <= {'eager', 'compiled', 'cudagraphs'} or 'cudagraphs' in MODES and device == 'cpu':
     raise SystemExit(f"decode_modes must be a comma-separated list of eager, compiled and (on CUDA) cudagraphs, "
                      f"got '{decode_modes}'")
+uneven = [T for T in train_seq_lens if T < train_tokens and train_tokens % T]
+if train_tokens < 1 or uneven:
+    raise SystemExit(f"train_tokens must be 0 (the device's default) or a positive multiple of every train_seq_lens "
+                     f"entry below it, so that every step holds as many tokens; got {train_tokens} with train_seq_lens "
+                     f"{train_seq_lens}: change either")
+if train_case_timeout <= 0:
+    raise SystemExit(f"train_case_timeout must be a positive number of seconds, got {train_case_timeout}")
+TRAIN_REGIMES = [r for r in REGIMES if r in train_regimes.split(',')]  # full first: the ratios read it
+if 'full' not in TRAIN_REGIMES or not set(train_regimes.split(',')) <= set(REGIMES):
+    raise SystemExit(f"train_regimes must be a comma-separated list of {', '.join(REGIMES)} with full among them "
+                     f"(the ratios are against it), got '{train_regimes}'")
+TRAIN_PATHS = list(dict.fromkeys(train_paths.split(',')))
+if not set(TRAIN_PATHS) <= set(ATTN_IMPLS):
+    raise SystemExit(f"train_paths must be a comma-separated list of {', '.join(ATTN_IMPLS)}, got '{train_paths}'")
+if 'flex' in TRAIN_PATHS and not device.startswith('cuda'):
+    raise SystemExit("train_paths: flex trains on CUDA only (FlexAttention has no backward on the CPU); "
+                     "leave it out of --train_paths on the CPU")
 if section not in ('train', 'decode', 'all'):
     raise SystemExit(f"section must be 'train', 'decode' or 'all', got '{section}'")
 try:
@@ -84,13 +110,6 @@ except ValueError as e:
     raise SystemExit(f"model settings: {e}") from None
 
 regime = functools.partial(regime_settings, window=dar_window, rank=dar_rank)  # -> (dar_window, dar_rank)
-# name: (dar_window, dar_rank, attn_impl)
-TRAIN_CASES = {
-    'full (sdpa)': (*regime('full'), 'sdpa'),
-    'DAR (sdpa)': (*regime('dar'), 'sdpa'),
-    'DAR (fused)': (*regime('dar'), 'fused'),
-    'uniform (auto)': (*regime('uniform'), 'auto'),
-}
 DECODE_CASES = {'full': regime('full'), 'DAR': regime('dar'), 'uniform': regime('uniform'),
                 'local-only': regime('local')}
 if not {'full', 'DAR'} <= set(decode_cases.split(',')) <= set(DECODE_CASES):
@@ -117,12 +136,13 @@ def timed(fn, repeats, warmup=1):
     return statistics.median(times), times
 
 
-def build(window, rank, impl='auto', block_size=None):
+def build(window, rank, impl='auto', block_size=None, weights_dtype=None):
     torch.manual_seed(0)
     overrides = dict(dar_window=window, dar_rank=rank, attn_impl=impl)
     if block_size:
         overrides['block_size'] = block_size
-    model = GPT(GPTConfig.from_preset(preset, **overrides)).to(device=device, dtype=getattr(torch, dtype))
+    model = GPT(GPTConfig.from_preset(preset, **overrides))
+    model.to(device=device, dtype=getattr(torch, weights_dtype or dtype))
     if device == 'cpu':  # faster CPU decode steps, the same math
         if reuse_freed:
             reuse_freed_memory()
@@ -139,8 +159,9 @@ def machine():
 def save(name, payload):
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, f"{name}_{device}.json")
-    with open(path, 'w') as f:
+    with open(path + '.tmp', 'w') as f:  # then renamed: a run cut off mid-write leaves the last whole file
         json.dump(payload, f, indent=1)
+    os.replace(path + '.tmp', path)
     return path
 
 
@@ -163,24 +184,24 @@ def _rss_kib(field):
         return next(int(line.split()[1]) for line in f if line.startswith(field + ':'))
 
 
-def run_train_case():
-    """Child process: one case at one length; prints the median step time or the peak memory."""
-    window, rank, impl = TRAIN_CASES[case]
-    model = build(window, rank, impl, block_size=max(seq_len, GPTConfig.from_preset(preset).block_size))
-    idx = torch.randint(0, model.config.vocab_size, (1, seq_len + 1), device=device)
-    x, y = idx[:, :-1], idx[:, 1:]
+def train_block(T):
+    return max(T, GPTConfig.from_preset(preset).block_size)
 
-    def step():
-        model.zero_grad(set_to_none=True)  # gradients are part of the step's memory
-        _, loss = model(x, y)
-        loss.backward()
 
-    if measure == 'time':
-        median, times = timed(step, train_repeats)
-        print(json.dumps(dict(seconds=median, times=times)))
-        return
-    step()  # warm-up outside the memory mark
-    model.zero_grad(set_to_none=True)
+def train_batch(T):
+    return max(1, train_tokens // T)
+
+
+def auto_path(name, T):
+    """The path attn_impl='auto' takes for regime name at length T on this device."""
+    window, rank = regime(name)
+    config = GPTConfig.from_preset(preset, dar_window=window, dar_rank=rank, block_size=train_block(T))
+    return resolve_attn_impl(config, T, torch.device(device))
+
+
+def peak_step_bytes(step):
+    """Bytes step() allocates above what was allocated before it; None where this machine's RSS marks show
+    nothing (seen in the H200 machine's container)."""
     if device.startswith('cuda'):
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
@@ -191,46 +212,89 @@ def run_train_case():
         base = _rss_kib('VmRSS') * 1024
         step()
         peak = (_rss_kib('VmHWM') if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024 - base
-    print(json.dumps(dict(peak_bytes=peak if peak > 0 else None)))  # None: this machine's RSS marks show nothing
+    return peak if peak > 0 else None
 
 
-def run_child(name, T, what):
-    cmd = [sys.executable, __file__, f'--case={name}', f'--seq_len={T}', f'--measure={what}'] + \
-          [a for a in sys.argv[1:] if not a.startswith(('--section', '--case', '--seq_len', '--measure'))]
-    env = dict(os.environ)
-    if what == 'memory':
-        # glibc keeps freed blocks under its (adaptive) mmap threshold for reuse, which would hide
-        # a step's allocations from RSS; a fixed small threshold returns them to the OS. It also
-        # slows allocation-heavy code, so time is measured in a process of its own without it.
-        env['MALLOC_MMAP_THRESHOLD_'] = '65536'
-    res = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if res.returncode:
-        raise SystemExit(f"case {name} at T={T} ({what}) failed:\n{res.stderr[-3000:]}")
-    return json.loads(res.stdout.strip().splitlines()[-1])
+def run_train_case():
+    """Child process: one case at one length; prints what measure asks for, as JSON. Float32 weights under
+    bfloat16 autocast when dtype is bfloat16, as train.py trains."""
+    name, impl = case.split(':')
+    model = build(*regime(name), impl, block_size=train_block(seq_len), weights_dtype='float32')
+    idx = torch.randint(0, model.config.vocab_size, (train_batch(seq_len), seq_len + 1), device=device)
+    x, y = idx[:, :-1], idx[:, 1:]
+    autocast = torch.autocast(device.split(':')[0], torch.bfloat16, enabled=dtype == 'bfloat16')
+
+    def step():
+        model.zero_grad(set_to_none=True)  # gradients are part of the step's memory
+        with autocast:
+            _, loss = model(x, y)
+        loss.backward()
+
+    result = {}
+    if 'time' in measure:
+        result['seconds'], result['times'] = timed(step, train_repeats)
+    if 'memory' in measure:
+        step()  # warm-up outside the memory mark
+        model.zero_grad(set_to_none=True)
+        result['peak_bytes'] = peak_step_bytes(step)
+    print(json.dumps(result))
 
 
-mib = lambda n: show(None if n is None else n / 2**20, '.0f')
+def train_case(name, impl, T):
+    """One case's row, measured in processes of its own (a peak is per process; an OOM or a crash ends only
+    that process); a case that fails has its error's last line instead, and the run goes on."""
+    row = dict(T=T, batch=train_batch(T), regime=name, path=impl, auto=impl == auto_path(name, T))
+    # CUDA counts its peak exactly in the timing process; the CPU's RSS needs a process of its own, below
+    for what in ['time,memory'] if device.startswith('cuda') else ['time', 'memory']:
+        cmd = [sys.executable, __file__, f'--case={name}:{impl}', f'--seq_len={T}', f'--measure={what}'] + \
+              [a for a in sys.argv[1:] if not a.startswith(('--section', '--case', '--seq_len', '--measure'))]
+        env = dict(os.environ)
+        if what == 'memory':
+            # glibc keeps freed blocks under its (adaptive) mmap threshold for reuse, which would hide
+            # a step's allocations from RSS; a fixed small threshold returns them to the OS. It also
+            # slows allocation-heavy code, so time is measured in a process of its own without it.
+            env['MALLOC_MMAP_THRESHOLD_'] = '65536'
+        try:
+            res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=train_case_timeout)
+        except subprocess.TimeoutExpired:
+            return {**row, 'error': f"timed out after {train_case_timeout:g} s ({what}; --train_case_timeout)"}
+        if res.returncode:
+            return {**row, 'error': (res.stderr.strip().splitlines() or [f"exit {res.returncode}"])[-1][:300]}
+        row.update(json.loads(res.stdout.strip().splitlines()[-1]))
+    return row
+
+
+def with_ratios(rows):
+    """rows, each against full attention's best at its T: its fastest path's time, its smallest peak."""
+    for r in rows:
+        full = [f for f in rows if f['T'] == r['T'] and f['regime'] == 'full' and 'error' not in f]
+        best_s = min((f['seconds'] for f in full), default=None)
+        best_peak = min((f['peak_bytes'] for f in full if f['peak_bytes']), default=None)
+        r['time_vs_full'] = r['seconds'] / best_s if best_s and 'error' not in r else None
+        r['memory_vs_full'] = r['peak_bytes'] / best_peak if best_peak and r.get('peak_bytes') else None
+    return rows
 
 
 def bench_train():
-    rows = []
+    auto = {T: {name: auto_path(name, T) for name in TRAIN_REGIMES} for T in train_seq_lens}
     for T in train_seq_lens:
-        for name in TRAIN_CASES:
-            r = {**run_child(name, T, 'time'), **run_child(name, T, 'memory')}
-            rows.append(dict(T=T, case=name, **r))
-            print(f"  T={T:5d} {name:16s} {r['seconds']:8.3f} s  {mib(r['peak_bytes']):>8} MiB", flush=True)
-    for r in rows:
-        full = next(f for f in rows if f['T'] == r['T'] and f['case'] == 'full (sdpa)')
-        r['time_vs_full'] = r['seconds'] / full['seconds']
-        r['memory_vs_full'] = r['peak_bytes'] / full['peak_bytes'] if r['peak_bytes'] and full['peak_bytes'] else None
-    print(f"\nTraining step (forward + backward), {preset}, batch 1, W={dar_window}, r={dar_rank}, "
-          f"{dtype}, {machine()}; median of {train_repeats}")
-    print(f"| T | case | step s | x full | peak MiB | x full |\n|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['T']} | {r['case']} | {r['seconds']:.3f} | {r['time_vs_full']:.2f} | "
-              f"{mib(r['peak_bytes'])} | {show(r['memory_vs_full'], '.2f')} |")
-    print('wrote', save('train', dict(machine=machine(), preset=preset, dtype=dtype, dar_window=dar_window,
-                                      dar_rank=dar_rank, repeats=train_repeats, rows=rows)))
+        print(f"  T={T:5d}: attn_impl='auto' picks " + ', '.join(f"{p} for {n}" for n, p in auto[T].items()))
+    cases = [(T, name, impl) for T in train_seq_lens for name in TRAIN_REGIMES
+             for impl in dict.fromkeys(auto[T][name] if p == 'auto' else p for p in TRAIN_PATHS)]
+    # the rows the targets read (auto's picks, at every T) first: a run cut off by a timeout still has them
+    cases.sort(key=lambda c: c[2] != auto[c[0]][c[1]])
+    payload = dict(machine=machine(), preset=preset, dtype=dtype, autocast=dtype == 'bfloat16', dar_window=dar_window,
+                   dar_rank=dar_rank, tokens=train_tokens, repeats=train_repeats, auto=auto, rows=[])
+    for T, name, impl in cases:
+        r = train_case(name, impl, T)
+        payload['rows'] = with_ratios(payload['rows'] + [r])
+        path = save('train', payload)  # after every case: what a timeout cuts off is only the rest
+        figures = r['error'] if 'error' in r else f"{r['seconds'] * 1e3:9.1f} ms  {mib(r['peak_bytes'])} MiB"
+        print(f"  T={T:5d} B={r['batch']:<3d} {name:7s} {impl:5s} {figures}", flush=True)
+    print(f"\nTraining step (forward + backward), {preset}, {train_tokens} tokens a step, W={dar_window}, "
+          f"r={dar_rank}, {dtype}{' autocast' * payload['autocast']}, {machine()}; median of {train_repeats}")
+    print('\n'.join(train_table(payload)))
+    print('wrote', path)
 
 
 # ---------------------------------------------------------------------------------------------

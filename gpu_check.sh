@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # A run on a GPU, as one command on a fresh machine without network. On one H200 the first run's stages
-# took about 5.5 minutes; the compiled decode stage (at most 5) and the source-code stage (about 4) came
-# after it, so expect 10-15 minutes (an estimate, not a timing):
+# took about 5.5 minutes; the training-step grid (at most 4), the compiled decode stage (at most 5) and the
+# source-code stage (about 4) came after it, so expect 10-19 minutes (an estimate, not a timing):
 #
 #   python prepare.py --out_dir=data/plays_50304 --vocab_size=50304   # beforehand, on any machine (3 MB)
 #   ./gpu_check.sh data/plays_50304 gpu-check                          # on the GPU machine
 #   python gpu_check.py report gpu-check --readme                      # back here: README's GPU section
 #
-# It writes 8 files into the output folder: log.txt (everything printed), tests.txt (the test suite),
+# It writes 9 files into the output folder: log.txt (everything printed), tests.txt (the test suite),
 # steps.json (a training step per regime x attention path, cached decoding against the full forward),
+# train_bench.json (bench.py's train section: T from 2048 to 32768 at 16,384 tokens a step, every regime x
+# path, time and peak memory; cut at 4 minutes, keeping the cases measured by then, the ones auto picks first),
 # decode.json and decode_compiled.json (bench.py's decode section at 32k, batch 1 and 8 and the KV budget
 # row: eager and the eager kernels as CUDA graphs; the whole step compiled as sample.py --compile runs it),
 # train_results.json and loss_by_position.png (the four regimes trained for GPU_CHECK_ITERS steps at the
@@ -67,6 +69,17 @@ fi
 
 stage "training steps and cached decoding"
 "$python" gpu_check.py steps "$out" $dry || echo "steps: exit $?"
+
+if [ -n "$dry" ]; then  # the stage's plumbing: two cases
+  train=(--device=cpu --preset=tiny --train_seq_lens=[40] --train_tokens=80 --train_regimes=full,dar
+         --train_paths=auto --train_repeats=1)
+else  # the device's defaults; a case that hangs (a compile) or crawls gives way to the rest
+  train=(--device=cuda --preset=pythia-70m --train_repeats=2 --train_case_timeout=90)
+fi
+stage "training step benchmark: T x regime x path (bench.py --section=train)"
+timeout 240 "$python" bench.py --section=train "${train[@]}" --dar_window=$window --dar_rank=$rank \
+  --out_dir="$work/bench-train" || echo "train benchmark: exit $?"
+cp "$work"/bench-train/train_*.json "$out/train_bench.json"
 
 stage "decode benchmark: $modes (cudagraphs: the eager kernels as CUDA graphs)"
 timeout 300 "$python" bench.py --section=decode "${bench[@]}" --decode_modes=$modes \

@@ -594,14 +594,24 @@ def test_cache_errors_are_clear():
 
 def test_bench_runs_and_writes_results(tmp_path):
     import json
-    run('bench.py', '--device=cpu', '--preset=tiny', '--dar_window=16', '--dar_rank=8', '--train_seq_lens=[40]',
-        '--train_repeats=1', '--decode_contexts=[24,48]', '--decode_steps=2', '--decode_repeats=1',
-        '--prefill_repeats=1', '--decode_batches=[1,2]', '--kv_budget_gib=0.001', cwd=tmp_path)
+    proc = run('bench.py', '--device=cpu', '--preset=tiny', '--dar_window=16', '--dar_rank=8', '--train_seq_lens=[40]',
+               '--train_tokens=80', '--train_regimes=dar,full', '--train_paths=fused,auto', '--train_repeats=1',
+               '--decode_contexts=[24,48]', '--decode_steps=2', '--decode_repeats=1', '--prefill_repeats=1',
+               '--decode_batches=[1,2]', '--kv_budget_gib=0.001', cwd=tmp_path)
     out = tmp_path / 'out-bench'  # not the committed results/: those only when asked
     train = json.loads((out / 'train_cpu.json').read_text())
-    assert {r['case'] for r in train['rows']} == {'full (sdpa)', 'DAR (sdpa)', 'DAR (fused)', 'uniform (auto)'}
+    # 'auto' is measured as the path it picks, once, its row marked
+    auto = train['auto']['40']
+    assert auto['dar'] == model.resolve_attn_impl(GPTConfig.from_preset('tiny', dar_window=16, dar_rank=8), 40,
+                                                  torch.device('cpu'))
+    assert sorted((r['regime'], r['path']) for r in train['rows']) == sorted(
+        (regime, path) for regime in ('full', 'dar') for path in {'fused', auto[regime]})
+    assert all(r['auto'] == (r['path'] == auto[r['regime']]) and r['batch'] == 2 for r in train['rows'])
     # peak memory None: the machine's RSS marks showed nothing (seen in the H200 machine's container)
     assert all(r['seconds'] > 0 and (r['peak_bytes'] is None or r['peak_bytes'] > 0) for r in train['rows'])
+    assert min(r['time_vs_full'] for r in train['rows'] if r['regime'] == 'full') == 1
+    assert '| T | batch | regime | path | step ms | x full | peak MiB | x full |' in proc.stdout
+    assert f"| 40 | 2 | dar | {auto['dar']} (auto) |" in proc.stdout
     decode = json.loads((out / 'decode_cpu.json').read_text())
     assert {(r['batch'], r['context']) for r in decode['rows']} == {(1, 24), (1, 48), (2, 24), (2, 48)}
     dar = next(r for r in decode['rows'] if r['case'] == 'DAR' and r['context'] == 48 and r['batch'] == 2)
@@ -631,6 +641,18 @@ def test_bench_times_eager_and_compiled_decode_side_by_side(tmp_path, aot_eager_
                                                                        for m in ('eager', 'compiled')}
 
 
+def test_bench_records_a_failed_training_case_and_goes_on(tmp_path):
+    import json
+    proc = run('bench.py', '--section=train', '--device=cpu', '--preset=tiny', '--dar_window=16', '--dar_rank=8',
+               '--train_seq_lens=[40]', '--train_tokens=80', '--train_regimes=full,local', '--train_paths=auto',
+               '--train_case_timeout=0.01', cwd=tmp_path)
+    rows = json.loads((tmp_path / 'out-bench' / 'train_cpu.json').read_text())['rows']
+    assert [r['regime'] for r in rows] == ['full', 'local']
+    assert all(r['error'] == 'timed out after 0.01 s (time; --train_case_timeout)' for r in rows)
+    assert all(r['time_vs_full'] is None and r['memory_vs_full'] is None for r in rows)
+    assert '| 40 | 2 | local | ' in proc.stdout and ' (auto) | failed: timed out after 0.01 s' in proc.stdout
+
+
 @pytest.mark.parametrize('args, message', [
     (['--section=decod'], "section must be 'train', 'decode' or 'all'"),
     (['--decode_steps=0'], 'decode_steps must be at least 1'),
@@ -639,6 +661,16 @@ def test_bench_times_eager_and_compiled_decode_side_by_side(tmp_path, aot_eager_
     (['--decode_cases=DAR,uniform'], 'decode_cases must list full and DAR'),
     (['--dar_rank=100'], 'dar_rank must be <= head_dim'),
     (['--device=cuda:x'], 'device must be cpu, cuda or cuda:N'),
+    (['--train_seq_lens=[40,80]', '--train_tokens=100'], 'train_tokens must be 0 (the device\'s default) or a '
+     'positive multiple of every train_seq_lens entry below it, so that every step holds as many tokens; got 100'),
+    (['--train_regimes=dar,local'], 'train_regimes must be a comma-separated list of full, dar, uniform, local with '
+     "full among them (the ratios are against it), got 'dar,local'"),
+    (['--train_regimes=full,sliding'], 'train_regimes must be a comma-separated list of full, dar, uniform, local'),
+    (['--train_paths=sdpa,flash'], "train_paths must be a comma-separated list of auto, sdpa, fused, naive, flex, "
+     "got 'sdpa,flash'"),
+    (['--device=cpu', '--train_paths=fused,flex'], 'train_paths: flex trains on CUDA only (FlexAttention has no '
+     'backward on the CPU); leave it out of --train_paths on the CPU'),
+    (['--train_case_timeout=0'], 'train_case_timeout must be a positive number of seconds, got 0'),
 ])
 def test_bench_bad_settings_are_named(args, message, tmp_path):
     proc = run('bench.py', *args, cwd=tmp_path, check=False)
@@ -648,8 +680,9 @@ def test_bench_bad_settings_are_named(args, message, tmp_path):
 
 @pytest.mark.parametrize('compiled', [False, True])
 def test_sample_from_random_preset(compiled, aot_eager_compile):
+    # on the CPU, as the fixture's aot_eager assumes (a CUDA machine's default device is its GPU)
     out = run('sample.py', '--init_from=tiny', '--dar_window=8', '--max_new_tokens=5', '--num_samples=1',
-              f'--compile={compiled}').stdout
+              f'--compile={compiled}', '--device=cpu').stdout
     assert 'tokens/s' in out and ('decode step compiled in' in out) == compiled
 
 
