@@ -9,7 +9,7 @@
 #
 # It writes 9 files into the output folder: log.txt (everything printed), tests.txt (the test suite),
 # steps.json (a training step per regime x attention path, cached decoding against the full forward),
-# train_bench.json (bench.py's train section: T from 2048 to 32768 at 16,384 tokens a step, every regime x
+# train_bench.json (bench.py's train section: T of 2048, 8192, 16384 at 16,384 tokens a step, every regime x
 # path, time and peak memory; cut at 4 minutes, keeping the cases measured by then, the ones auto picks first),
 # decode.json and decode_compiled.json (bench.py's decode section at 32k, batch 1 and 8 and the KV budget
 # row: eager and the eager kernels as CUDA graphs; the whole step compiled as sample.py --compile runs it),
@@ -25,6 +25,9 @@
 # (without them the suite's tests of prepare.py fail there, the rest runs). A stage that fails is logged
 # and the next one runs.
 # GPU_CHECK_DRY=1: the same stages at tiny sizes on the CPU, the suite excepted (test_train.py runs this).
+# GPU_CHECK_STAGES: the stages to run, comma-separated, of tests,steps,train,decode,compiled,regimes,code (default:
+# all; the summary always runs). A lent GPU has about 15 minutes, at most 10 a call: all stages do not fit one call,
+# so run e.g. GPU_CHECK_STAGES=steps,train,decode first, then compiled,tests into the same output folder.
 # Every stage runs the interpreter in PYTHON (default: python3 on the PATH), e.g. PYTHON=.venv/bin/python.
 set -uo pipefail
 python=${PYTHON:-python3}
@@ -32,6 +35,12 @@ python=${PYTHON:-python3}
 [[ $python == */* ]] && python="$(cd "$(dirname "$python")" && pwd)/$(basename "$python")"
 command -v "$python" > /dev/null || { echo "no program '$python': set PYTHON to the Python with torch" >&2; exit 2; }
 cd "$(dirname "$0")"
+all_stages=tests,steps,train,decode,compiled,regimes,code
+stages=${GPU_CHECK_STAGES:-$all_stages}
+for s in ${stages//,/ }; do
+  [[ ",$all_stages," == *",$s,"* ]] || { echo "GPU_CHECK_STAGES: no stage '$s' (stages: $all_stages)" >&2; exit 2; }
+done
+want() { [[ ",$stages," == *",$1,"* ]]; }
 data=${1:?"usage: ./gpu_check.sh DATA_DIR [OUT_DIR]  (DATA_DIR from prepare.py, e.g. data/plays_50304)"}
 out=${2:-gpu-check}
 [ -f "$data/meta.json" ] || { echo "$data/meta.json not found: python prepare.py --out_dir=$data --vocab_size=50304" >&2; exit 2; }
@@ -62,29 +71,37 @@ else
   stage "machine"
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   "$python" -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
-  stage "test suite"
-  timeout 180 "$python" -m pytest -q -n 8 -p no:cacheprovider > "$out/tests.txt" 2>&1
-  echo "exit $?"; tail -n 5 "$out/tests.txt"
+  if want tests; then
+    stage "test suite"
+    timeout 180 "$python" -m pytest -q -n 8 -p no:cacheprovider > "$out/tests.txt" 2>&1
+    echo "exit $?"; tail -n 5 "$out/tests.txt"
+  fi
 fi
 
-stage "training steps and cached decoding"
-"$python" gpu_check.py steps "$out" $dry || echo "steps: exit $?"
+if want steps; then
+  stage "training steps and cached decoding"
+  timeout 300 "$python" gpu_check.py steps "$out" $dry || echo "steps: exit $?"
+fi
 
 if [ -n "$dry" ]; then  # the stage's plumbing: two cases
   train=(--device=cpu --preset=tiny --train_seq_lens=[40] --train_tokens=80 --train_regimes=full,dar
          --train_paths=auto --train_repeats=1)
 else  # the device's defaults; a case that hangs (a compile) or crawls gives way to the rest
-  train=(--device=cuda --preset=pythia-70m --train_repeats=2 --train_case_timeout=90)
+  train=(--device=cuda --preset=pythia-70m --train_seq_lens=[2048,8192,16384] --train_repeats=2 --train_case_timeout=90)
 fi
-stage "training step benchmark: T x regime x path (bench.py --section=train)"
-timeout 240 "$python" bench.py --section=train "${train[@]}" --dar_window=$window --dar_rank=$rank \
-  --out_dir="$work/bench-train" || echo "train benchmark: exit $?"
-cp "$work"/bench-train/train_*.json "$out/train_bench.json"
+if want train; then
+  stage "training step benchmark: T x regime x path (bench.py --section=train)"
+  timeout 240 "$python" bench.py --section=train "${train[@]}" --dar_window=$window --dar_rank=$rank \
+    --out_dir="$work/bench-train" || echo "train benchmark: exit $?"
+  cp "$work"/bench-train/train_*.json "$out/train_bench.json"
+fi
 
-stage "decode benchmark: $modes (cudagraphs: the eager kernels as CUDA graphs)"
-timeout 300 "$python" bench.py --section=decode "${bench[@]}" --decode_modes=$modes \
-  --out_dir="$work/bench" && cp "$work"/bench/decode_*.json "$out/decode.json"
-if [ -z "$dry" ]; then
+if want decode; then
+  stage "decode benchmark: $modes (cudagraphs: the eager kernels as CUDA graphs)"
+  timeout 300 "$python" bench.py --section=decode "${bench[@]}" --decode_modes=$modes \
+    --out_dir="$work/bench" && cp "$work"/bench/decode_*.json "$out/decode.json"
+fi
+if [ -z "$dry" ] && want compiled; then
   stage "decode benchmark: the whole step compiled (inductor, CUDA graphs), as sample.py --compile"
   # full and DAR at batch 8 and in the budget: four compilations, each up to a minute
   timeout 300 "$python" bench.py --section=decode "${bench[@]}" --decode_modes=compiled --decode_cases=full,DAR \
@@ -100,19 +117,23 @@ regimes() {
     --log_interval=50 "${@:4}"
 }
 
-stage "the four regimes, $iters steps each"
-regimes "$data" "$work/train" $iters --regimes=full,dar,uniform,local --seeds=1 && \
-  cp "$work/train/results.json" "$out/train_results.json" && cp "$work/train/loss_by_position.png" "$out/"
+if want regimes; then
+  stage "the four regimes, $iters steps each"
+  regimes "$data" "$work/train" $iters --regimes=full,dar,uniform,local --seeds=1 && \
+    cp "$work/train/results.json" "$out/train_results.json" && cp "$work/train/loss_by_position.png" "$out/"
+fi
 
 # Natural data where distant tokens matter: this machine's Python standard library, prepared here
 # (prepare.py --corpus=python), then the regimes with the loss on long-range tokens (evaluate.py), about
 # 4 minutes on an H200. Writes code_meta.json (Python version, files, tokens, hash), code_results.json,
 # code_long_range.png, code_loss_by_position.png. GPU_CHECK_CODE_ITERS sets the steps (default 400).
-stage "source code: the standard library's .py files, regimes $code_regimes, seeds $code_seeds, $code_iters steps"
-"$python" prepare.py --corpus=python "${code[@]}" --out_dir="$work/python" && \
-  cp "$work/python/meta.json" "$out/code_meta.json" && \
-  regimes "$work/python" "$work/code" $code_iters --regimes=$code_regimes --seeds=$code_seeds && \
-  for f in results.json long_range.png loss_by_position.png; do cp "$work/code/$f" "$out/code_$f"; done
+if want code; then
+  stage "source code: the standard library's .py files, regimes $code_regimes, seeds $code_seeds, $code_iters steps"
+  "$python" prepare.py --corpus=python "${code[@]}" --out_dir="$work/python" && \
+    cp "$work/python/meta.json" "$out/code_meta.json" && \
+    regimes "$work/python" "$work/code" $code_iters --regimes=$code_regimes --seeds=$code_seeds && \
+    for f in results.json long_range.png loss_by_position.png; do cp "$work/code/$f" "$out/code_$f"; done
+fi
 
 stage "summary"
 "$python" gpu_check.py report "$out"

@@ -965,6 +965,19 @@ def test_gpu_check_report_of_no_results_is_refused(tmp_path, monkeypatch):
     assert 'Not run yet.' in readme.read_text()
 
 
+def test_gpu_check_runs_the_stages_asked_for(shakespeare, tmp_path):
+    # A lent GPU gives at most 10 minutes a call: the stages are split over calls into one output folder.
+    env = {**os.environ, 'GPU_CHECK_DRY': '1', 'OMP_NUM_THREADS': '1', 'PYTHON': sys.executable}
+    script, out = os.path.join(ROOT, 'gpu_check.sh'), tmp_path / 'out'
+    bad = subprocess.run(['bash', script, shakespeare[0], str(out)], capture_output=True, text=True,
+                         env={**env, 'GPU_CHECK_STAGES': 'steps,trian'})
+    assert bad.returncode == 2 and "GPU_CHECK_STAGES: no stage 'trian'" in bad.stderr and not out.exists()
+    proc = subprocess.run(['bash', script, shakespeare[0], str(out)], capture_output=True, text=True, timeout=120,
+                          env={**env, 'GPU_CHECK_STAGES': 'steps'})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert {p.name for p in out.iterdir()} == {'log.txt', 'steps.json', 'summary.md'}
+
+
 def test_gpu_check_dry_run(shakespeare, tmp_path):
     # gpu_check.sh's stages at tiny sizes on the CPU, so that the one prepared GPU command cannot rot.
     # every stage runs PYTHON, the interpreter the user chose (this one), never another python3 on the PATH
