@@ -43,7 +43,8 @@ done
 want() { [[ ",$stages," == *",$1,"* ]]; }
 data=${1:?"usage: ./gpu_check.sh DATA_DIR [OUT_DIR]  (DATA_DIR from prepare.py, e.g. data/plays_50304)"}
 out=${2:-gpu-check}
-[ -f "$data/meta.json" ] || { echo "$data/meta.json not found: python prepare.py --out_dir=$data --vocab_size=50304" >&2; exit 2; }
+[ -f "$data/meta.json" ] || {
+  echo "$data/meta.json not found: python prepare.py --out_dir=$data --vocab_size=50304" >&2; exit 2; }
 mkdir -p "$out"
 exec > >(tee -a "$out/log.txt") 2>&1
 work=$(mktemp -d)  # run folders and checkpoints: not sent back
