@@ -655,19 +655,32 @@ def test_bench_times_eager_and_compiled_decode_side_by_side(tmp_path, aot_eager_
     import json
     run('bench.py', '--section=decode', '--device=cpu', '--preset=tiny', '--dar_window=16', '--dar_rank=8',
         '--decode_contexts=[24]', '--decode_steps=2', '--decode_repeats=1', '--prefill_repeats=1',
-        '--decode_batches=[2]', '--kv_budget_gib=0.001', '--decode_modes=eager,compiled', '--decode_cases=full,DAR',
-        cwd=tmp_path)
+        '--decode_batches=[2]', '--kv_budget_gib=0', '--decode_modes=eager,compiled', '--decode_cases=full,DAR',
+        '--decode_attns=reference,reduce', cwd=tmp_path)
     decode = json.loads((tmp_path / 'out-bench' / 'decode_cpu.json').read_text())
-    assert {(r['case'], r['mode']) for r in decode['rows']} == {(c, m) for c in ('full', 'DAR')
-                                                                for m in ('eager', 'compiled')}
+    every = {(c, m, a) for c in ('full', 'DAR') for m in ('eager', 'compiled') for a in ('reference', 'reduce')}
+    assert {(r['case'], r['mode'], r['attn']) for r in decode['rows']} == every
     for r in decode['rows']:
         eager = r['mode'] == 'eager'
         assert r['ms_per_step'] > 0 and (r['ops_per_step'] is not None) == eager and r['vs_eager'] > 0
-    # x full is against full attention's faster mode, so full's slower mode is below 1
+        assert r['vs_reference'] > 0 and r['logit_error'] < 1e-5  # each form and mode against the eager reference
+    # x full is against full attention's fastest mode and form, so full's others are below 1
     full = [r['decode_vs_full'] for r in decode['rows'] if r['case'] == 'full']
     assert max(full) == 1 and min(full) <= 1
-    assert {(r['case'], r['mode']) for r in decode['budget_rows']} == {(c, m) for c in ('full', 'DAR')
-                                                                       for m in ('eager', 'compiled')}
+    assert decode['budget_rows'] == []  # --kv_budget_gib=0: none
+
+
+def test_bench_measures_the_flex_decode_eagerly(tmp_path):
+    import json
+    run('bench.py', '--section=decode', '--device=cpu', '--preset=tiny', '--dar_window=16', '--dar_rank=8',
+        '--decode_contexts=[24]', '--decode_steps=2', '--decode_repeats=1', '--prefill_repeats=1',
+        '--decode_batches=[1]', '--kv_budget_gib=0.001', '--decode_cases=full,DAR', '--decode_attns=reference,flex',
+        cwd=tmp_path)
+    decode = json.loads((tmp_path / 'out-bench' / 'decode_cpu.json').read_text())
+    every = [(c, a) for c in ('full', 'DAR') for a in ('reference', 'flex')]
+    assert [(r['case'], r['attn']) for r in decode['rows']] == every
+    assert [(r['case'], r['attn']) for r in decode['budget_rows']] == every
+    assert all(r['logit_error'] < 1e-5 for r in decode['rows'] + decode['budget_rows'])
 
 
 @pytest.mark.parametrize('args, message', [
@@ -676,6 +689,8 @@ def test_bench_times_eager_and_compiled_decode_side_by_side(tmp_path, aot_eager_
     (['--decode_modes=eager,graphs'], "decode_modes must be a comma-separated list of eager, compiled and"),
     (['--decode_contexts=[0]'], 'decode_contexts must be a list of integers >= 1'),
     (['--decode_cases=DAR,uniform'], 'decode_cases must list full and DAR'),
+    (['--decode_attns=reference,split'], 'decode_attns must be a comma-separated list of reference, flex, reduce'),
+    (['--decode_attns=flex', '--decode_modes=compiled'], 'decode_attns=flex with decode_modes=compiled needs CUDA'),
     (['--dar_rank=100'], 'dar_rank must be <= head_dim'),
     (['--device=cuda:x'], 'device must be cpu, cuda or cuda:N'),
 ])
