@@ -292,6 +292,19 @@ def decode_case(model, batch, ctx, mode, attn, prefill):
     return prefill_tok_s, decode_steps / decode_s, ops, busy_ms, error
 
 
+def form_case(failed, label, model, batch, ctx, mode, attn, prefill):
+    """decode_case in decode attention attn, or None where a split form fails (its first runs are on a GPU): noted
+    in failed, so that the run still measures and writes the rest; a failing reference form stops the run."""
+    try:
+        return decode_case(use_decode_attn(model, attn), batch, ctx, mode, attn, prefill)
+    except Exception as e:
+        if attn == 'reference':
+            raise
+        failed.append(f"{label} {mode} {attn}: {type(e).__name__}: {e}"[:800])
+        print('  FAILED', failed[-1], flush=True)
+        return None
+
+
 def step_error(model, step, token, cache, ctx, attn):
     """Largest logit difference / largest logit of one step against the eager step in the reference form, at ctx
     tokens of random keys, values and latents (a zeroed cache would hide a wrong read): the form and the kernels
@@ -340,7 +353,7 @@ def bench_decode():
     bandwidth = read_bandwidth()
     models = {name: build(w, r).eval() for name, (w, r) in DECODE_CASES.items()}
     kv_bytes = lambda model, batch, ctx: model.new_cache(batch, ctx, device='meta').nbytes()  # read per step
-    rows = []
+    rows, failed = [], []
     for batch in decode_batches:
         for ctx in decode_contexts:
             for name, model in models.items():
@@ -348,8 +361,11 @@ def bench_decode():
                     weight_bytes(model)
                 for attn, mode in itertools.product(ATTNS, MODES):
                     first = (attn, mode) == (ATTNS[0], MODES[0])  # the prompt is timed once
-                    prefill_tok_s, steps_per_s, ops, busy_ms, error = decode_case(
-                        use_decode_attn(model, attn), batch, ctx, mode, attn, prefill=first)
+                    result = form_case(failed, f"batch {batch}, context {ctx}, {name}", model, batch, ctx, mode, attn,
+                                       prefill=first)
+                    if result is None:
+                        continue
+                    prefill_tok_s, steps_per_s, ops, busy_ms, error = result
                     rows.append(dict(batch=batch, context=ctx, case=name, mode=mode, attn=attn,
                                      prefill_tok_s=prefill_tok_s, decode_tok_s=batch * steps_per_s,
                                      ms_per_step=1e3 / steps_per_s, logit_error=error,
@@ -381,8 +397,11 @@ def bench_decode():
             raise SystemExit(f"--kv_budget_gib={kv_budget_gib} holds no {name} sequence of {budget_context} tokens")
         kv = kv_bytes(model, batch, budget_context)
         for attn, mode in itertools.product(ATTNS, MODES):
-            _, steps_per_s, _, _, error = decode_case(use_decode_attn(model, attn), batch, budget_context, mode, attn,
-                                                      prefill=False)
+            result = form_case(failed, f"budget batch {batch}, {name}", model, batch, budget_context, mode, attn,
+                               prefill=False)
+            if result is None:
+                continue
+            _, steps_per_s, _, _, error = result
             budget_rows.append(dict(case=name, mode=mode, attn=attn, batch=batch, decode_tok_s=batch * steps_per_s,
                                     kv_bytes=kv, logit_error=error,
                                     bw_fraction=(weight_bytes(model) + kv) * steps_per_s / bandwidth))
@@ -418,12 +437,15 @@ def bench_decode():
         print(f"| {r['case']} | {r['mode']} | {r['attn']} | {r['batch']} | {r['kv_bytes'] / 2**20:.0f} | "
               f"{r['decode_tok_s']:.1f} | {r['decode_vs_full']:.2f} | {r['bw_fraction']:.0%} | "
               f"{r['logit_error']:.1e} |")
+    for f in failed:
+        print('\nFailed:', f)
     print('wrote', save('decode', dict(machine=machine(), preset=preset, dtype=dtype, dar_window=dar_window,
                                        dar_rank=dar_rank, read_bandwidth=bandwidth, decode_steps=decode_steps,
                                        decode_repeats=decode_repeats, decode_modes=MODES, decode_attns=ATTNS,
                                        reuse_freed=reuse_freed,
                                        kv_budget_gib=kv_budget_gib,
-                                       budget_context=budget_context, rows=rows, budget_rows=budget_rows)))
+                                       budget_context=budget_context, rows=rows, budget_rows=budget_rows,
+                                       failed=failed)))
     plot_decode([r for r in rows if r['batch'] == decode_batches[0] and (r['attn'], r['mode']) == (ATTNS[0], MODES[0])],
                 decode_batches[0])
 

@@ -670,17 +670,19 @@ def test_bench_times_eager_and_compiled_decode_side_by_side(tmp_path, aot_eager_
     assert decode['budget_rows'] == []  # --kv_budget_gib=0: none
 
 
-def test_bench_measures_the_flex_decode_eagerly(tmp_path):
+def test_bench_measures_the_flex_decode_eagerly_and_notes_a_failing_form(tmp_path, monkeypatch):
     import json
+    monkeypatch.setitem(split_decode.FORMS, 'reduce', lambda *args: 1 / 0)  # as a form the compiler fails on
     run('bench.py', '--section=decode', '--device=cpu', '--preset=tiny', '--dar_window=16', '--dar_rank=8',
         '--decode_contexts=[24]', '--decode_steps=2', '--decode_repeats=1', '--prefill_repeats=1',
-        '--decode_batches=[1]', '--kv_budget_gib=0.001', '--decode_cases=full,DAR', '--decode_attns=reference,flex',
-        cwd=tmp_path)
+        '--decode_batches=[1]', '--kv_budget_gib=0.001', '--decode_cases=full,DAR',
+        '--decode_attns=reference,flex,reduce', cwd=tmp_path)
     decode = json.loads((tmp_path / 'out-bench' / 'decode_cpu.json').read_text())
     every = [(c, a) for c in ('full', 'DAR') for a in ('reference', 'flex')]
     assert [(r['case'], r['attn']) for r in decode['rows']] == every
     assert [(r['case'], r['attn']) for r in decode['budget_rows']] == every
     assert all(r['logit_error'] < 1e-5 for r in decode['rows'] + decode['budget_rows'])
+    assert len(decode['failed']) == 4 and all('eager reduce: ZeroDivisionError' in f for f in decode['failed'])
 
 
 @pytest.mark.parametrize('args, message', [
