@@ -975,10 +975,12 @@ def test_gpu_check_dry_run(shakespeare, tmp_path):
     proc = subprocess.run(['bash', os.path.join(ROOT, 'gpu_check.sh'), shakespeare[0], str(out)], capture_output=True,
                           text=True, timeout=280, env=env)
     assert proc.returncode == 0 and 'FAILED' not in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert {p.name for p in out.iterdir()} == {'log.txt', 'steps.json', 'decode.json', 'train_results.json',
-                                               'loss_by_position.png', 'summary.md', 'code_meta.json',
-                                               'code_results.json', 'code_long_range.png',
-                                               'code_loss_by_position.png'}  # + tests, compiled on a GPU
+    assert {p.name for p in out.iterdir()} == {'log.txt', 'steps.json', 'decode.json', 'decode_compiled.json',
+                                               'train_results.json', 'loss_by_position.png', 'summary.md',
+                                               'code_meta.json', 'code_results.json', 'code_long_range.png',
+                                               'code_loss_by_position.png'}  # + tests.txt on a GPU
+    forms = json.loads((out / 'decode_compiled.json').read_text())['rows']  # eager here, compiled on a GPU
+    assert {r['attn'] for r in forms} == {'reference', 'flex', 'reduce'} and all(r['logit_error'] < 1e-5 for r in forms)
     assert json.loads((out / 'code_meta.json').read_text())['source']['kind'] == 'python'
     steps = json.loads((out / 'steps.json').read_text())
     assert len(steps['training_steps']) == 8 and len(steps['decode']) == 12
@@ -993,6 +995,8 @@ def test_gpu_check_dry_run(shakespeare, tmp_path):
     assert "STALE" not in text and '| DAR vs full | eager |' in text and text.endswith(f"{gpu_check.END}\nrest\n")
     report = gpu_check.report(out)
     assert '[out/summary.md](out/summary.md)' in text and '| dar | fused |' in report
+    assert '| DAR vs full | eager | eager, flex | eager, reduce |' in text
+    assert '| 8 | 40 | DAR | eager, flex |' in report
     assert 'The regimes on the Python standard library' in report and '| long-range loss |' in report
 
 
