@@ -12,6 +12,7 @@ out-bench/ unless asked (--out_dir=results replaces the committed figures the do
 """
 
 import functools
+import itertools
 import json
 import os
 import resource
@@ -27,6 +28,7 @@ from cpu_matvec import reuse_freed_memory, use_matvec
 from gpu_check import OpCounter, mib, show, train_table
 from model import ATTN_IMPLS, GPT, REGIMES, GPTConfig, regime_settings, resolve_attn_impl
 from sampling import compile_step
+from split_decode import DECODE_ATTNS, use_decode_attn
 
 section = 'all'  # 'train', 'decode' or 'all'
 preset = 'pythia-70m'
@@ -51,7 +53,11 @@ decode_repeats = 5
 # kernels captured). '': eager,compiled on CUDA; eager on CPU, where inductor takes about 30 s a shape
 decode_modes = ''
 decode_cases = 'full,DAR,uniform,local-only'  # full and DAR at least: the ratios are DAR against full
-kv_budget_gib = 4.0  # the budget rows: the largest batch whose KV cache fits in this many GiB...
+# The decode step's attention, side by side (comma-separated): 'reference' (model.decode_attention), 'flex' and
+# 'reduce' (split_decode.py: the ring and the latents as two attentions merged by log-sum-exp; compiled, flex needs
+# CUDA). Each row also gives its step's logit error against the eager reference form on a cache of random content
+decode_attns = 'reference'
+kv_budget_gib = 4.0  # the budget rows: the largest batch whose KV cache fits in this many GiB (0: no budget rows)...
 budget_context = 0  # ... at this context, full vs DAR (0: the largest of decode_contexts)
 prefill_repeats = 3
 prefill_max_context = 0  # 0: 4096 on CPU (prefill is quadratic: minutes a run past it there), 32768 on CUDA
@@ -76,8 +82,9 @@ for name, values in (('train_seq_lens', train_seq_lens), ('decode_contexts', dec
                      ('decode_batches', decode_batches)):
     if not values or not all(isinstance(v, int) and v >= 1 for v in values):
         raise SystemExit(f"{name} must be a list of integers >= 1, got {values}")
-for name, value in (('train_repeats', train_repeats), ('decode_steps', decode_steps), ('budget_context', budget_context),
-                    ('decode_repeats', decode_repeats), ('prefill_repeats', prefill_repeats)):
+for name, value in (('train_repeats', train_repeats), ('decode_steps', decode_steps),
+                    ('budget_context', budget_context), ('decode_repeats', decode_repeats),
+                    ('prefill_repeats', prefill_repeats)):
     if value < 1:
         raise SystemExit(f"{name} must be at least 1, got {value}")
 decode_modes = config['decode_modes'] = decode_modes or ('eager,compiled' if device.startswith('cuda') else 'eager')
@@ -102,6 +109,12 @@ if not set(TRAIN_PATHS) <= set(ATTN_IMPLS):
 if 'flex' in TRAIN_PATHS and not device.startswith('cuda'):
     raise SystemExit("train_paths: flex trains on CUDA only (FlexAttention has no backward on the CPU); "
                      "leave it out of --train_paths on the CPU")
+ATTNS = decode_attns.split(',')
+if not set(ATTNS) <= set(DECODE_ATTNS):
+    raise SystemExit(f"decode_attns must be a comma-separated list of {', '.join(DECODE_ATTNS)}, got '{decode_attns}'")
+if 'flex' in ATTNS and 'compiled' in MODES and device == 'cpu':
+    raise SystemExit("decode_attns=flex with decode_modes=compiled needs CUDA: inductor's CPU FlexAttention returns "
+                     "no log-sum-exp")
 if section not in ('train', 'decode', 'all'):
     raise SystemExit(f"section must be 'train', 'decode' or 'all', got '{section}'")
 try:
@@ -314,9 +327,10 @@ def weight_bytes(model):
     return sum(p.numel() * p.element_size() for p in model.parameters()) - wte.numel() * wte.element_size()
 
 
-def decode_case(model, batch, ctx, mode, prefill):
-    """Decode steps/s of model at context ctx in mode, ops (CPU, eager) or kernels (CUDA) a step, device-busy
-    ms a step (CUDA), and, if prefill, the prompt's tok/s (batch 1, up to prefill_max_context, else None)."""
+def decode_case(model, batch, ctx, mode, attn, prefill):
+    """Decode steps/s of model at context ctx in mode with decode attention attn, ops (CPU, eager) or kernels (CUDA)
+    a step, device-busy ms a step (CUDA), the step's logit error (step_error), and, if prefill, the prompt's tok/s
+    (batch 1, up to prefill_max_context, else None)."""
     cache = model.new_cache(batch, ctx + decode_steps + 1, static=mode != 'eager')
     prompt = torch.randint(0, model.config.vocab_size, (batch, ctx), device=device)
 
@@ -337,14 +351,43 @@ def decode_case(model, batch, ctx, mode, prefill):
             step(token, cache=cache)
 
     decode_s, _ = timed(decode, decode_repeats)
+    error = step_error(model, step, token, cache, ctx, attn)
     cache.reset(length=ctx)
-    ops, busy_ms = step_profile(lambda: step(token, cache=cache), mode)
-    return prefill_tok_s, decode_steps / decode_s, ops, busy_ms
+    ops, busy_ms = step_profile(lambda: step(token, cache=cache), mode, attn)
+    return prefill_tok_s, decode_steps / decode_s, ops, busy_ms, error
 
 
-def step_profile(one_step, mode):
+def form_case(failed, label, model, batch, ctx, mode, attn, prefill):
+    """decode_case in decode attention attn, or None where a split form fails (its first runs are on a GPU): noted
+    in failed, so that the run still measures and writes the rest; a failing reference form stops the run."""
+    try:
+        return decode_case(use_decode_attn(model, attn), batch, ctx, mode, attn, prefill)
+    except Exception as e:
+        if attn == 'reference':
+            raise
+        failed.append(f"{label} {mode} {attn}: {type(e).__name__}: {e}"[:800])
+        print('  FAILED', failed[-1], flush=True)
+        return None
+
+
+def step_error(model, step, token, cache, ctx, attn):
+    """Largest logit difference / largest logit of one step against the eager step in the reference form, at ctx
+    tokens of random keys, values and latents (a zeroed cache would hide a wrong read): the form and the kernels
+    the compiler made for this device held to the reference on it."""
+    for t in (*cache.k, *cache.v, *cache.a, *cache.b):
+        t.normal_()
+    cache.reset(length=ctx)
+    got = step(token, cache=cache)[0].float()
+    cache.reset(length=ctx)
+    want = use_decode_attn(model, 'reference')(token, cache=cache)[0].float()
+    use_decode_attn(model, attn)
+    return ((got - want).abs().max() / want.abs().max()).item()
+
+
+def step_profile(one_step, mode, attn):
     """(kernels, device-busy ms) of one step on CUDA, from the profiler; on the CPU (ops an eager step
-    dispatches, None): a compiled step's kernels are inside its generated code."""
+    dispatches, None): a compiled step's kernels are inside its generated code, and FlexAttention is a
+    higher-order op, which the op counter cannot enter."""
     if device.startswith('cuda'):
         activity = torch.profiler.ProfilerActivity.CUDA
         with torch.profiler.profile(activities=[activity]) as prof:
@@ -352,7 +395,7 @@ def step_profile(one_step, mode):
             sync()
         kernels = [e for e in prof.key_averages() if e.device_type.name == 'CUDA']
         return sum(e.count for e in kernels), sum(e.self_device_time_total for e in kernels) / 1e3
-    if mode != 'eager':
+    if mode != 'eager' or attn == 'flex':
         return None, None
     with OpCounter() as counter:
         one_step()
@@ -369,86 +412,107 @@ def compiled(model, mode):
 
 @torch.no_grad()
 def bench_decode():
-    # one compilation per case, shape and compiled mode
+    # one compilation per case, shape, compiled mode and decode attention
     torch._dynamo.config.recompile_limit = len(DECODE_CASES) * len(decode_contexts) * (len(decode_batches) + 1) * len(
-        MODES) + 8
+        MODES) * len(ATTNS) + 8
     bandwidth = read_bandwidth()
     models = {name: build(w, r).eval() for name, (w, r) in DECODE_CASES.items()}
     kv_bytes = lambda model, batch, ctx: model.new_cache(batch, ctx, device='meta').nbytes()  # read per step
-    rows = []
+    rows, failed = [], []
     for batch in decode_batches:
         for ctx in decode_contexts:
             for name, model in models.items():
                 kv, full_kv, weights = kv_bytes(model, batch, ctx), kv_bytes(models['full'], batch, ctx), \
                     weight_bytes(model)
-                for mode in MODES:
-                    prefill_tok_s, steps_per_s, ops, busy_ms = decode_case(model, batch, ctx, mode,
-                                                                           prefill=mode == MODES[0])
-                    rows.append(dict(batch=batch, context=ctx, case=name, mode=mode, prefill_tok_s=prefill_tok_s,
-                                     decode_tok_s=batch * steps_per_s, ms_per_step=1e3 / steps_per_s,
+                for attn, mode in itertools.product(ATTNS, MODES):
+                    first = (attn, mode) == (ATTNS[0], MODES[0])  # the prompt is timed once
+                    result = form_case(failed, f"batch {batch}, context {ctx}, {name}", model, batch, ctx, mode, attn,
+                                       prefill=first)
+                    if result is None:
+                        continue
+                    prefill_tok_s, steps_per_s, ops, busy_ms, error = result
+                    rows.append(dict(batch=batch, context=ctx, case=name, mode=mode, attn=attn,
+                                     prefill_tok_s=prefill_tok_s, decode_tok_s=batch * steps_per_s,
+                                     ms_per_step=1e3 / steps_per_s, logit_error=error,
                                      ops_per_step=ops, device_busy_ms=busy_ms, kv_bytes=kv, weight_bytes=weights,
                                      # the best speedup over full attention at equal read bandwidth
                                      bytes_ceiling=(weights + full_kv) / (weights + kv),
                                      achieved_bw=(weights + kv) * steps_per_s,
                                      bw_fraction=(weights + kv) * steps_per_s / bandwidth))
                     r = rows[-1]
-                    print(f"  batch={batch} ctx={ctx:6d} {name:10s} {mode:10s} prefill {r['prefill_tok_s'] or 0:7.0f} "
-                          f"tok/s  decode {r['decode_tok_s']:8.1f} tok/s ({r['ms_per_step']:.2f} ms/step)  "
-                          f"KV {kv / 2**20:7.1f} MiB  bw {r['bw_fraction']:.0%}", flush=True)
-    same = lambda r, case, mode=None: [f for f in rows if (f['batch'], f['context'], f['case']) == (
-        r['batch'], r['context'], case) and mode in (None, f['mode'])]
-    for r in rows:  # against full attention at its best mode: an honest ratio
+                    print(f"  batch={batch} ctx={ctx:6d} {name:10s} {mode:10s} {attn:9s} prefill "
+                          f"{r['prefill_tok_s'] or 0:7.0f} tok/s  decode {r['decode_tok_s']:8.1f} tok/s "
+                          f"({r['ms_per_step']:.2f} ms/step)  KV {kv / 2**20:7.1f} MiB  bw {r['bw_fraction']:.0%}  "
+                          f"error {error:.1e}", flush=True)
+    same = lambda r, case, mode=None, attn=None: [f for f in rows if (f['batch'], f['context'], f['case']) == (
+        r['batch'], r['context'], case) and mode in (None, f['mode']) and attn in (None, f['attn'])]
+    for r in rows:  # against full attention at its best mode and form: an honest ratio
         full = max(same(r, 'full'), key=lambda f: f['decode_tok_s'])
         r['decode_vs_full'] = r['decode_tok_s'] / full['decode_tok_s']
         r['kv_vs_full'] = r['kv_bytes'] / full['kv_bytes']
         r['of_ceiling'] = r['decode_vs_full'] / r['bytes_ceiling']
-        eager = same(r, r['case'], 'eager')
+        eager, reference = same(r, r['case'], 'eager', r['attn']), same(r, r['case'], r['mode'], 'reference')
         r['vs_eager'] = r['decode_tok_s'] / eager[0]['decode_tok_s'] if eager else None
+        r['vs_reference'] = r['decode_tok_s'] / reference[0]['decode_tok_s'] if reference else None
     budget_rows = []
-    for name in ('full', 'DAR'):
+    for name in ('full', 'DAR') if kv_budget_gib else ():
         model = models[name]
         batch = int(kv_budget_gib * 2**30 // kv_bytes(model, 1, budget_context + decode_steps + 1))
         if batch < 1:
             raise SystemExit(f"--kv_budget_gib={kv_budget_gib} holds no {name} sequence of {budget_context} tokens")
         kv = kv_bytes(model, batch, budget_context)
-        for mode in MODES:
-            _, steps_per_s, _, _ = decode_case(model, batch, budget_context, mode, prefill=False)
-            budget_rows.append(dict(case=name, mode=mode, batch=batch, decode_tok_s=batch * steps_per_s, kv_bytes=kv,
+        for attn, mode in itertools.product(ATTNS, MODES):
+            result = form_case(failed, f"budget batch {batch}, {name}", model, batch, budget_context, mode, attn,
+                               prefill=False)
+            if result is None:
+                continue
+            _, steps_per_s, _, _, error = result
+            budget_rows.append(dict(case=name, mode=mode, attn=attn, batch=batch, decode_tok_s=batch * steps_per_s,
+                                    kv_bytes=kv, logit_error=error,
                                     bw_fraction=(weight_bytes(model) + kv) * steps_per_s / bandwidth))
-            print(f"  budget {kv_budget_gib} GiB at ctx={budget_context}: {name} {mode} batch {batch} "
+            print(f"  budget {kv_budget_gib} GiB at ctx={budget_context}: {name} {mode} {attn} batch {batch} "
                   f"{budget_rows[-1]['decode_tok_s']:.1f} tok/s", flush=True)
-    full_best = max(r['decode_tok_s'] for r in budget_rows if r['case'] == 'full')
     for r in budget_rows:
-        r['decode_vs_full'] = r['decode_tok_s'] / full_best
+        r['decode_vs_full'] = r['decode_tok_s'] / max(f['decode_tok_s'] for f in budget_rows if f['case'] == 'full')
 
     print(f"\nDecode, {preset} (random weights), W={dar_window}, r={dar_rank}, {dtype}, {machine()}; read bandwidth "
           f"{bandwidth / 1e9:.1f} GB/s; median of {decode_repeats} x {decode_steps} steps, prefill (batch 1) median of "
-          f"{prefill_repeats}, up to {prefill_max_context} tokens; x full: against full attention's best mode; "
-          f"ops: dispatched by an eager step (CPU), kernels: launched (CUDA, profiler)")
+          f"{prefill_repeats}, up to {prefill_max_context} tokens; x full: against full attention's best mode and "
+          f"attention; x reference: against the reference attention in the same mode; ops: dispatched by an eager step "
+          f"(CPU), kernels: launched (CUDA, profiler); error: a step's logits against the eager reference step's")
     for batch in decode_batches:
         print(f"\nBatch {batch} (decode tok/s counts the tokens of every sequence)\n"
-              "| context | case | mode | prefill tok/s | ms/step | decode tok/s | x full | x eager | bytes ceiling "
-              "| of ceiling | ops or kernels | busy ms | KV MiB | bandwidth |\n"
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+              "| context | case | mode | attention | prefill tok/s | ms/step | decode tok/s | x full | x eager "
+              "| x reference | bytes ceiling | of ceiling | ops or kernels | busy ms | KV MiB | bandwidth | error |\n"
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for r in rows:
             if r['batch'] != batch:
                 continue
-            print(f"| {r['context']} | {r['case']} | {r['mode']} | {show(r['prefill_tok_s'], '.0f')} | "
+            print(f"| {r['context']} | {r['case']} | {r['mode']} | {r['attn']} | {show(r['prefill_tok_s'], '.0f')} | "
                   f"{r['ms_per_step']:.2f} | {r['decode_tok_s']:.1f} | {r['decode_vs_full']:.2f} | "
-                  f"{show(r['vs_eager'], '.2f')} | {r['bytes_ceiling']:.2f} | {r['of_ceiling']:.0%} | "
-                  f"{show(r['ops_per_step'], 'd')} | {show(r['device_busy_ms'], '.3f')} | "
-                  f"{r['kv_bytes'] / 2**20:.1f} | {r['achieved_bw'] / 1e9:.1f} GB/s ({r['bw_fraction']:.0%}) |")
-    print(f"\nThe largest batch whose KV cache fits in {kv_budget_gib} GiB, context {budget_context}\n"
-          "| case | mode | batch | KV MiB | decode tok/s | x full | bandwidth |\n|---|---|---|---|---|---|---|")
+                  f"{show(r['vs_eager'], '.2f')} | {show(r['vs_reference'], '.2f')} | {r['bytes_ceiling']:.2f} | "
+                  f"{r['of_ceiling']:.0%} | {show(r['ops_per_step'], 'd')} | {show(r['device_busy_ms'], '.3f')} | "
+                  f"{r['kv_bytes'] / 2**20:.1f} | {r['achieved_bw'] / 1e9:.1f} GB/s ({r['bw_fraction']:.0%}) | "
+                  f"{r['logit_error']:.1e} |")
+    if budget_rows:
+        print(f"\nThe largest batch whose KV cache fits in {kv_budget_gib} GiB, context {budget_context}\n"
+              "| case | mode | attention | batch | KV MiB | decode tok/s | x full | bandwidth | error |\n"
+              "|---|---|---|---|---|---|---|---|---|")
     for r in budget_rows:
-        print(f"| {r['case']} | {r['mode']} | {r['batch']} | {r['kv_bytes'] / 2**20:.0f} | {r['decode_tok_s']:.1f} | "
-              f"{r['decode_vs_full']:.2f} | {r['bw_fraction']:.0%} |")
+        print(f"| {r['case']} | {r['mode']} | {r['attn']} | {r['batch']} | {r['kv_bytes'] / 2**20:.0f} | "
+              f"{r['decode_tok_s']:.1f} | {r['decode_vs_full']:.2f} | {r['bw_fraction']:.0%} | "
+              f"{r['logit_error']:.1e} |")
+    for f in failed:
+        print('\nFailed:', f)
     print('wrote', save('decode', dict(machine=machine(), preset=preset, dtype=dtype, dar_window=dar_window,
                                        dar_rank=dar_rank, read_bandwidth=bandwidth, decode_steps=decode_steps,
-                                       decode_repeats=decode_repeats, decode_modes=MODES, reuse_freed=reuse_freed,
+                                       decode_repeats=decode_repeats, decode_modes=MODES, decode_attns=ATTNS,
+                                       reuse_freed=reuse_freed,
                                        kv_budget_gib=kv_budget_gib,
-                                       budget_context=budget_context, rows=rows, budget_rows=budget_rows)))
-    plot_decode([r for r in rows if r['batch'] == decode_batches[0] and r['mode'] == MODES[0]], decode_batches[0])
+                                       budget_context=budget_context, rows=rows, budget_rows=budget_rows,
+                                       failed=failed)))
+    plot_decode([r for r in rows if r['batch'] == decode_batches[0] and (r['attn'], r['mode']) == (ATTNS[0], MODES[0])],
+                decode_batches[0])
 
 
 def plot_decode(rows, batch):

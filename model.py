@@ -250,7 +250,7 @@ class DARAttention(nn.Module):
             view = None if cache is None else cache.update(self.layer_idx, k, v, maps)
             up_k, up_v = (None, None) if maps is None else maps[1::2]
             if view is not None and T == 1:
-                y = decode_attention(q, view, up_k, up_v)
+                y = getattr(self, 'decode', decode_attention)(q, view, up_k, up_v)  # other forms: split_decode.py
             elif view is None or cache.step.start == 0:  # training, or a prompt: the fused kernels (flash on CUDA)
                 y = ATTENTION[resolve_attn_impl(self.config, T, x.device)](q, k, v, self.config.window, maps)
             else:  # a later chunk: the blockwise forward, over the older keys it reads too

@@ -2,6 +2,7 @@
 full-context forwards for the KV cache. Run: python -m pytest -q"""
 
 import contextlib
+import itertools
 import math
 import os
 import re
@@ -14,9 +15,10 @@ from torch._inductor.utils import run_and_get_code
 import cpu_matvec
 import model
 import sampling
+import split_decode
 from gpu_check import OpCounter
 from conftest import run
-from model import GPT, GPTConfig, KVCache
+from model import GPT, GPTConfig, CacheView, KVCache
 
 W = 16  # window of the small test models
 REGIMES = model.REGIMES
@@ -395,13 +397,16 @@ def buffer_sizes(code):
     return [math.prod(int(n) for n in shape.split(',') if n.strip()) for shape in shapes]
 
 
-@pytest.mark.parametrize('regime, backend', [(r, 'aot_eager') for r in REGIMES] + [('dar', 'inductor'),
-                                                                                      ('full', 'inductor')])
-def test_the_whole_decode_step_compiles_once_and_equals_eager(regime, backend):
+@pytest.mark.parametrize('regime, backend, attn', [(r, 'aot_eager', a) for r in REGIMES
+                                                   for a in split_decode.DECODE_ATTNS]
+                         + [('dar', 'inductor', 'reference'), ('full', 'inductor', 'reference'),
+                            ('dar', 'inductor', 'reduce')])
+def test_the_whole_decode_step_compiles_once_and_equals_eager(regime, backend, attn):
     # As in gpt-fast, a static cache takes the position as a tensor, so every decode step is one graph:
     # fullgraph (nothing runs on the host between kernels) and one compilation for 50 steps, which is
-    # what replaying it as a CUDA graph needs. aot_eager traces as inductor does, in a tenth of the time.
-    m = make_model(regime).eval()
+    # what replaying it as a CUDA graph needs. aot_eager traces as inductor does, in a tenth of the time
+    # (inductor's CPU FlexAttention returns no log-sum-exp: flex is compiled by inductor on CUDA only).
+    m = split_decode.use_decode_attn(make_model(regime).eval(), attn)
     idx = torch.randint(0, 97, (2, 60), generator=torch.Generator().manual_seed(6))
     ref = m(idx)[0]
     torch._dynamo.reset()
@@ -415,6 +420,7 @@ def test_the_whole_decode_step_compiles_once_and_equals_eager(regime, backend):
     assert cache.length == 55
     # The step writes the cache in place. A write the compiler cannot do in place (through a view of a
     # tensor holding every layer, say) becomes a copy of the whole tensor each step: a cache-sized buffer.
+    # So would a reduction inductor does not fuse (the float32 cast of the latents, or p_j b_j, written out).
     smallest_cache_tensor = min(t.numel() for t in (*cache.k, *cache.v, *cache.a) if t.numel())
     assert backend != 'inductor' or max(buffer_sizes('\n'.join(codes))) < smallest_cache_tensor
 
@@ -474,6 +480,73 @@ def test_cached_decoding_under_autocast(regime):
     assert torch.isfinite(got).all()
     assert rel_err(got, ref) < 3e-2
     assert m.new_cache(2, 45).dtype == torch.float32  # outside autocast: the weights' dtype
+
+
+# The decode attention as two attentions merged by log-sum-exp (split_decode.py): model.decode_attention's math
+
+SPLIT_ATTNS = [a for a in split_decode.DECODE_ATTNS if a != 'reference']
+flex_unfused = pytest.mark.filterwarnings('ignore:.*flex_attention called without torch.compile')  # the CPU's
+
+
+def spied(attn, monkeypatch):
+    """The calls of form attn from now on: a test of the form sees that it ran."""
+    calls, form = [], split_decode.FORMS[attn]
+    monkeypatch.setitem(split_decode.FORMS, attn, lambda *args: calls.append(1) or form(*args))
+    return calls
+
+
+@flex_unfused
+@pytest.mark.parametrize('attn', SPLIT_ATTNS)
+def test_split_decode_equals_the_reference_on_every_view(attn):
+    torch.manual_seed(0)
+    B, H, d, r, S, n = 2, 3, 16, 4, 5, 9
+    q, k, v = torch.randn(B, H, 1, d), torch.randn(B, H, S, d), torch.randn(B, H, S, d)
+    a, b, up_k, up_v = torch.randn(B, H, n, r), torch.randn(B, H, n, r), torch.randn(H, r, d), torch.randn(H, r, d)
+    unwritten = lambda length, *slots: torch.zeros(length).index_fill(0, torch.tensor(slots, dtype=torch.long),
+                                                                      -math.inf)
+    no_ring, no_latents = (k[:, :, :0], v[:, :, :0]), (a[:, :, :0], b[:, :, :0])
+    for view in (CacheView(k, v, a, b, None),
+                 CacheView(k, v, a, b, unwritten(S + n, 3, 4, *range(S + 6, S + n))),  # a static step: slots to come
+                 CacheView(k, v, a, b, unwritten(S + n, *range(S, S + n))),  # static, before the window is crossed
+                 CacheView(*no_ring, a, b, unwritten(n, 7, 8)),  # uniform
+                 CacheView(k, v, None, None, unwritten(S, 4)),  # full, local-only
+                 CacheView(k, v, *no_latents, None)):  # a default cache before the window is crossed
+        got = split_decode.FORMS[attn](q, view, up_k, up_v)
+        torch.testing.assert_close(got, model.decode_attention(q, view, up_k, up_v), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match='decode attention must be one of reference, flex, reduce'):
+        split_decode.use_decode_attn(make_model('dar'), 'splitk')
+
+
+@flex_unfused
+@pytest.mark.parametrize('static', [False, True])
+@pytest.mark.parametrize('regime', list(REGIMES))
+@pytest.mark.parametrize('attn', SPLIT_ATTNS)
+def test_split_decode_cached_equals_full_forward(attn, regime, static, monkeypatch):
+    calls = spied(attn, monkeypatch)
+    m = split_decode.use_decode_attn(make_model(regime, attn_impl='naive').eval(), attn)
+    idx = torch.randint(0, 97, (2, 40), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():  # single steps at positions W - 1, W, W + 1 (the window's edge), then on with chunks
+        got = cached_logits(m, idx, W - 1, m.new_cache(2, 40, static=static))
+        torch.testing.assert_close(got, m(idx)[0], rtol=1e-5, atol=1e-5)
+    assert calls
+    split_decode.use_decode_attn(m, 'reference')  # the default again
+    assert not any('decode' in vars(block.attn) for block in m.transformer.h)
+
+
+@flex_unfused
+@pytest.mark.parametrize('regime', list(REGIMES))
+@pytest.mark.parametrize('attn', SPLIT_ATTNS)
+def test_split_decode_under_autocast(attn, regime, monkeypatch):
+    # bf16 cache and products, float32 softmax and merge: as close to the full forward as the reference step is
+    calls = spied(attn, monkeypatch)
+    m = make_model(regime, attn_impl='naive').eval()
+    idx = torch.randint(0, 97, (2, 45), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad(), autocast_bf16():
+        ref = m(idx)[0].float()
+        reference = cached_logits(m, idx, W - 1, m.new_cache(2, 45, static=True)).float()
+        got = cached_logits(split_decode.use_decode_attn(m, attn), idx, W - 1, m.new_cache(2, 45, static=True)).float()
+    assert calls and torch.isfinite(got).all()
+    assert rel_err(got, ref) < 1e-2 and rel_err(got, reference) < 1e-2
 
 
 @pytest.mark.parametrize('regime', list(REGIMES))
@@ -626,19 +699,34 @@ def test_bench_times_eager_and_compiled_decode_side_by_side(tmp_path, aot_eager_
     import json
     run('bench.py', '--section=decode', '--device=cpu', '--preset=tiny', '--dar_window=16', '--dar_rank=8',
         '--decode_contexts=[24]', '--decode_steps=2', '--decode_repeats=1', '--prefill_repeats=1',
-        '--decode_batches=[2]', '--kv_budget_gib=0.001', '--decode_modes=eager,compiled', '--decode_cases=full,DAR',
-        cwd=tmp_path)
+        '--decode_batches=[2]', '--kv_budget_gib=0', '--decode_modes=eager,compiled', '--decode_cases=full,DAR',
+        '--decode_attns=reference,reduce', cwd=tmp_path)
     decode = json.loads((tmp_path / 'out-bench' / 'decode_cpu.json').read_text())
-    assert {(r['case'], r['mode']) for r in decode['rows']} == {(c, m) for c in ('full', 'DAR')
-                                                                for m in ('eager', 'compiled')}
+    every = {(c, m, a) for c in ('full', 'DAR') for m in ('eager', 'compiled') for a in ('reference', 'reduce')}
+    assert {(r['case'], r['mode'], r['attn']) for r in decode['rows']} == every
     for r in decode['rows']:
         eager = r['mode'] == 'eager'
         assert r['ms_per_step'] > 0 and (r['ops_per_step'] is not None) == eager and r['vs_eager'] > 0
-    # x full is against full attention's faster mode, so full's slower mode is below 1
+        assert r['vs_reference'] > 0 and r['logit_error'] < 1e-5  # each form and mode against the eager reference
+    # x full is against full attention's fastest mode and form, so full's others are below 1
     full = [r['decode_vs_full'] for r in decode['rows'] if r['case'] == 'full']
     assert max(full) == 1 and min(full) <= 1
-    assert {(r['case'], r['mode']) for r in decode['budget_rows']} == {(c, m) for c in ('full', 'DAR')
-                                                                       for m in ('eager', 'compiled')}
+    assert decode['budget_rows'] == []  # --kv_budget_gib=0: none
+
+
+def test_bench_measures_the_flex_decode_eagerly_and_notes_a_failing_form(tmp_path, monkeypatch):
+    import json
+    monkeypatch.setitem(split_decode.FORMS, 'reduce', lambda *args: 1 / 0)  # as a form the compiler fails on
+    run('bench.py', '--section=decode', '--device=cpu', '--preset=tiny', '--dar_window=16', '--dar_rank=8',
+        '--decode_contexts=[24]', '--decode_steps=2', '--decode_repeats=1', '--prefill_repeats=1',
+        '--decode_batches=[1]', '--kv_budget_gib=0.001', '--decode_cases=full,DAR',
+        '--decode_attns=reference,flex,reduce', cwd=tmp_path)
+    decode = json.loads((tmp_path / 'out-bench' / 'decode_cpu.json').read_text())
+    every = [(c, a) for c in ('full', 'DAR') for a in ('reference', 'flex')]
+    assert [(r['case'], r['attn']) for r in decode['rows']] == every
+    assert [(r['case'], r['attn']) for r in decode['budget_rows']] == every
+    assert all(r['logit_error'] < 1e-5 for r in decode['rows'] + decode['budget_rows'])
+    assert len(decode['failed']) == 4 and all('eager reduce: ZeroDivisionError' in f for f in decode['failed'])
 
 
 def test_bench_records_a_failed_training_case_and_goes_on(tmp_path):
@@ -659,6 +747,8 @@ def test_bench_records_a_failed_training_case_and_goes_on(tmp_path):
     (['--decode_modes=eager,graphs'], "decode_modes must be a comma-separated list of eager, compiled and"),
     (['--decode_contexts=[0]'], 'decode_contexts must be a list of integers >= 1'),
     (['--decode_cases=DAR,uniform'], 'decode_cases must list full and DAR'),
+    (['--decode_attns=reference,split'], 'decode_attns must be a comma-separated list of reference, flex, reduce'),
+    (['--decode_attns=flex', '--decode_modes=compiled'], 'decode_attns=flex with decode_modes=compiled needs CUDA'),
     (['--dar_rank=100'], 'dar_rank must be <= head_dim'),
     (['--device=cuda:x'], 'device must be cpu, cuda or cuda:N'),
     (['--train_seq_lens=[40,80]', '--train_tokens=100'], 'train_tokens must be 0 (the device\'s default) or a '
@@ -769,13 +859,13 @@ def test_a_training_step_and_a_decode_step_make_no_host_sync(regime):
             m(idx, idx)[1].backward()
             torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
         assert counter.syncs == [], impl
-    with torch.no_grad():
-        for static in (False, True):
-            cache = m.new_cache(2, 40, static=static)
+    with torch.no_grad():  # (FlexAttention is a higher-order op the counter cannot enter; on CUDA a kernel)
+        for static, attn in itertools.product((False, True), ('reference', 'reduce')):
+            cache = split_decode.use_decode_attn(m, attn).new_cache(2, 40, static=static)
             m(idx[:, :W + 3], cache=cache)
             with OpCounter() as counter:
                 m(idx[:, W + 3:W + 4], cache=cache)
-            assert counter.syncs == [], f'static={static}'
+            assert counter.syncs == [], f'static={static}, {attn}'
 
 
 @pytest.mark.parametrize('impl', ['sdpa', 'fused'])

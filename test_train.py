@@ -991,9 +991,12 @@ def test_gpu_check_dry_run(shakespeare, tmp_path):
                           text=True, timeout=280, env=env)
     assert proc.returncode == 0 and 'FAILED' not in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert {p.name for p in out.iterdir()} == {'log.txt', 'steps.json', 'train_bench.json', 'decode.json',
+                                               'decode_compiled.json',
                                                'train_results.json', 'loss_by_position.png', 'summary.md',
                                                'code_meta.json', 'code_results.json', 'code_long_range.png',
-                                               'code_loss_by_position.png'}  # + tests, compiled on a GPU
+                                               'code_loss_by_position.png'}  # + tests.txt on a GPU
+    forms = json.loads((out / 'decode_compiled.json').read_text())['rows']  # eager here, compiled on a GPU
+    assert {r['attn'] for r in forms} == {'reference', 'flex', 'reduce'} and all(r['logit_error'] < 1e-5 for r in forms)
     assert json.loads((out / 'code_meta.json').read_text())['source']['kind'] == 'python'
     steps = json.loads((out / 'steps.json').read_text())
     assert len(steps['training_steps']) == 8 and len(steps['decode']) == 12
@@ -1013,6 +1016,8 @@ def test_gpu_check_dry_run(shakespeare, tmp_path):
     assert '[out/summary.md](out/summary.md)' in text and '| dar | fused |' in report
     assert '`bench.py --section=train` (80 tokens a step, float32, W=16, r=4; median of 1)' in report
     assert f"| 40 | 2 | dar | {bench['auto']['40']['dar']} (auto) |" in report
+    assert '| DAR vs full | eager | eager, flex | eager, reduce |' in text
+    assert '| 8 | 40 | DAR | eager, flex |' in report
     assert 'The regimes on the Python standard library' in report and '| long-range loss |' in report
 
 
