@@ -55,6 +55,11 @@ def dar_attention(q, k, v, window, maps):
         return F.scaled_dot_product_attention(q_far, a, b, is_causal=True, scale=scale) @ up_v
     near, lse_near = attend(q, k, v, mask('near'), scale)
     far, lse_far = attend(q_far, a, b, mask('far'), scale)  # the first W queries read no latent: lse -inf
-    lse = torch.logaddexp(lse_near, lse_far)[..., None]
-    out = (lse_near[..., None] - lse).exp() * near.float() + (lse_far[..., None] - lse).exp() * (far @ up_v).float()
-    return out.to(q.dtype)
+    return merge(near, lse_near[..., None], far @ up_v, lse_far[..., None])
+
+
+def merge(o1, l1, o2, l2):
+    """The one softmax over two disjoint key sets, from each set's output o (..., e) and log-sum-exp l (..., 1):
+    (e^l1 o1 + e^l2 o2) / (e^l1 + e^l2), in float32; a set that holds no key has l = -inf."""
+    l = torch.logaddexp(l1, l2)
+    return ((l1 - l).exp() * o1.float() + (l2 - l).exp() * o2.float()).to(o1.dtype)

@@ -5,6 +5,7 @@ Sample from a trained model with the DAR KV cache (prefill once, then one token 
     python sample.py --start="FILE:prompt.txt" --num_samples=3 --max_new_tokens=500
     python sample.py --init_from=pythia-70m --dar_window=256 --start="x" # random weights: speed only
     python sample.py --compile=True       # decode steps as one compiled graph (CUDA: replayed as a CUDA graph)
+    python sample.py --compile=True --decode_attn=flex  # the latents read by FlexAttention's decoding kernel (CUDA)
 
 Text is encoded and decoded with the tokenizer prepare.py recorded in the dataset's meta.json.
 """
@@ -21,6 +22,7 @@ from data import check_vocabulary, read_meta
 from model import GPT, GPTConfig
 from prepare import load_tokenizer
 from sampling import check_sampling, compile_step
+from split_decode import use_decode_attn
 from storage import load_checkpoint
 
 init_from = 'resume'  # 'resume' (out_dir/ckpt.pt) or a preset name for random weights
@@ -38,6 +40,7 @@ dtype = ''  # '': bfloat16 on CUDA, float32 on CPU
 dar_window = -1  # with a preset: -1 keeps full attention, else W
 dar_rank = -1  # with a preset: -1 keeps head_dim // 4, else r
 compile = False  # gpt-fast style: prefill, then the compiled decode step on a static cache (compiled in a warm-up run)
+decode_attn = 'reference'  # the decode step's attention: 'reference' (model.py), 'flex' or 'reduce' (split_decode.py)
 
 config = {k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, str))}
 configure(config, sys.argv[1:])
@@ -76,6 +79,10 @@ else:
     except ValueError as e:
         raise SystemExit(f"--init_from: {e}") from None
 model.eval().to(device=device, dtype=getattr(torch, dtype))
+try:
+    use_decode_attn(model, decode_attn)
+except ValueError as e:
+    raise SystemExit(f"--{e}") from None
 if device == 'cpu' and dtype == 'float32':
     use_matvec(model)  # faster CPU decode steps, the same math
     reuse_freed_memory()

@@ -24,6 +24,8 @@ import math
 import torch
 from torch.nn.attention.flex_attention import AuxRequest, flex_attention
 
+from flex import merge
+
 
 def flex_part(q, k, v, mask, scale):
     """(out (B, H, 1, e), float32 log-sum-exp (B, H, 1, 1)) of q (B, H, 1, e) against k, v (B, H, n, e);
@@ -48,7 +50,7 @@ def reduce_part(q, k, v, mask, scale):
 
 def split_decode_attention(q, view, up_k, up_v, attend):
     """model.decode_attention(q, view, up_k, up_v) as two attentions through attend, merged by their
-    log-sum-exps l1, l2: o = (e^l1 o1 + e^l2 o2) / (e^l1 + e^l2)."""
+    log-sum-exps (flex.merge, as in training)."""
     n_near, scale = view.k.shape[-2], 1 / math.sqrt(q.shape[-1])
     mask = (None, None) if view.mask is None else (view.mask[:n_near], view.mask[n_near:])
     parts = []  # (out, log-sum-exp) of each key set this step reads: uniform has no ring, full no latents
@@ -57,12 +59,7 @@ def split_decode_attention(q, view, up_k, up_v, attend):
     if view.a is not None and view.a.shape[-2]:
         out, lse = attend(q @ up_k.transpose(-2, -1), view.a, view.b, mask[1], scale)  # (B, H, 1, r): q U^T
         parts.append((out @ up_v, lse))  # (sum_j p_j b_j) V, with the p of the latents' own softmax
-    if len(parts) == 1:
-        return parts[0][0]
-    (o1, l1), (o2, l2) = parts
-    m = torch.maximum(l1, l2)  # finite: every query reads itself, in the ring or as a latent
-    w1, w2 = (l1 - m).exp(), (l2 - m).exp()
-    return ((w1 * o1.float() + w2 * o2.float()) / (w1 + w2)).to(q.dtype)
+    return parts[0][0] if len(parts) == 1 else merge(*parts[0], *parts[1])
 
 
 # made once: a compiled step guards on the form it traced, and finds it again after a switch back
@@ -75,7 +72,7 @@ def use_decode_attn(model, name):
     """model (a GPT) with every layer's decode step in form name, one of DECODE_ATTNS; the model's math,
     parameters and state_dict are unchanged. model.py's DARAttention reads the form as its `decode`."""
     if name not in DECODE_ATTNS:
-        raise ValueError(f"decode attention must be one of {', '.join(DECODE_ATTNS)}, got {name!r}")
+        raise ValueError(f"decode_attn must be one of {', '.join(DECODE_ATTNS)}, got {name!r}")
     for block in model.transformer.h:
         if name == 'reference':  # the default: model.decode_attention, looked up when called
             vars(block.attn).pop('decode', None)

@@ -513,7 +513,7 @@ def test_split_decode_equals_the_reference_on_every_view(attn):
                  CacheView(k, v, *no_latents, None)):  # a default cache before the window is crossed
         got = split_decode.FORMS[attn](q, view, up_k, up_v)
         torch.testing.assert_close(got, model.decode_attention(q, view, up_k, up_v), rtol=1e-5, atol=1e-5)
-    with pytest.raises(ValueError, match='decode attention must be one of reference, flex, reduce'):
+    with pytest.raises(ValueError, match='decode_attn must be one of reference, flex, reduce'):
         split_decode.use_decode_attn(make_model('dar'), 'splitk')
 
 
@@ -768,11 +768,11 @@ def test_bench_bad_settings_are_named(args, message, tmp_path):
     assert not os.listdir(tmp_path)
 
 
-@pytest.mark.parametrize('compiled', [False, True])
-def test_sample_from_random_preset(compiled, aot_eager_compile):
+@pytest.mark.parametrize('compiled, decode_attn', [(False, 'reference'), (True, 'reference'), (True, 'reduce')])
+def test_sample_from_random_preset(compiled, decode_attn, aot_eager_compile):
     # on the CPU, as the fixture's aot_eager assumes (a CUDA machine's default device is its GPU)
     out = run('sample.py', '--init_from=tiny', '--dar_window=8', '--max_new_tokens=5', '--num_samples=1',
-              f'--compile={compiled}', '--device=cpu').stdout
+              f'--compile={compiled}', f'--decode_attn={decode_attn}', '--device=cpu').stdout
     assert 'tokens/s' in out and ('decode step compiled in' in out) == compiled
 
 
@@ -783,6 +783,7 @@ def test_sample_from_random_preset(compiled, aot_eager_compile):
     (['--start=FILE:/nonexistent/prompt.txt'], 'FILE:/nonexistent/prompt.txt: cannot read the prompt'),
     (['--dtype=fp32'], "dtype must be one of float32, bfloat16, got 'fp32'"),
     (['--device=tpu'], "device must be cpu, cuda or cuda:N, got 'tpu'"),
+    (['--decode_attn=split'], "--decode_attn must be one of reference, flex, reduce, got 'split'"),
 ])
 def test_sample_bad_settings_are_named(args, message):
     proc = run('sample.py', '--init_from=tiny', '--max_new_tokens=2', *args, check=False)
