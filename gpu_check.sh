@@ -27,8 +27,9 @@
 # and the next one runs.
 # GPU_CHECK_DRY=1: the same stages at tiny sizes on the CPU, the suite excepted (test_train.py runs this).
 # GPU_CHECK_STAGES: the stages to run, comma-separated, of tests,steps,train,decode,compiled,regimes,code (default:
-# all; the summary always runs). A lent GPU has about 15 minutes, at most 10 a call: all stages do not fit one call,
-# so run e.g. GPU_CHECK_STAGES=steps,train,decode first, then compiled,tests into the same output folder.
+# all; the summary always runs). A lent GPU has about 15 minutes, at most 10 a call, so all stages do not fit: run
+# GPU_CHECK_STAGES=steps,train (flex's backward checked before its speed; at most 8 minutes), then compiled,decode
+# (at most 11, the compiled forms first), into the same output folder; tests,regimes,code where time is left.
 # Every stage runs the interpreter in PYTHON (default: python3 on the PATH), e.g. PYTHON=.venv/bin/python.
 set -uo pipefail
 python=${PYTHON:-python3}
@@ -83,7 +84,7 @@ fi
 
 if want steps; then
   stage "training steps and cached decoding"
-  timeout 300 "$python" gpu_check.py steps "$out" $dry || echo "steps: exit $?"
+  timeout 240 "$python" gpu_check.py steps "$out" $dry || echo "steps: exit $?"
 fi
 
 if [ -n "$dry" ]; then  # the stage's plumbing: two cases
@@ -99,20 +100,21 @@ if want train; then
   cp "$work"/bench-train/train_*.json "$out/train_bench.json"
 fi
 
-if want decode; then
-  stage "decode benchmark: $modes (cudagraphs: the eager kernels as CUDA graphs)"
-  timeout 300 "$python" bench.py --section=decode "${bench[@]}" --decode_modes=$modes \
-    --out_dir="$work/bench" && cp "$work"/bench/decode_*.json "$out/decode.json"
-fi
 if want compiled; then
   stage "decode benchmark: each decode form, the whole step $compiled (on CUDA inductor's, as sample.py --compile)"
   # The distant read side by side: model.py's reference step against split_decode.py's two (the ring and the latents
   # as two attentions merged by log-sum-exp, through FlexAttention's decoding kernel or fused reductions). Full and
-  # DAR at batch 8, six compilations, each up to a minute, so no budget rows here (the stage above has them). Each
+  # DAR at batch 8, six compilations, each up to a minute, so no budget rows here (the next stage has them). Each
   # row's error is its step's logits against the eager reference step's: the compiled kernels checked on this GPU.
   timeout 360 "$python" bench.py --section=decode "${bench[@]}" --decode_modes=$compiled --decode_cases=full,DAR \
     --decode_batches=[8] --decode_attns=reference,flex,reduce --kv_budget_gib=0 --out_dir="$work/bench-compiled" && \
     cp "$work"/bench-compiled/decode_*.json "$out/decode_compiled.json"
+fi
+
+if want decode; then
+  stage "decode benchmark: $modes (cudagraphs: the eager kernels as CUDA graphs)"
+  timeout 300 "$python" bench.py --section=decode "${bench[@]}" --decode_modes=$modes \
+    --out_dir="$work/bench" && cp "$work"/bench/decode_*.json "$out/decode.json"
 fi
 
 # regimes DATA_DIR RUN_DIR STEPS [compare.py settings]: regimes trained at the shape above for STEPS, then evaluated
