@@ -441,7 +441,7 @@ def bench_decode():
                                      bw_fraction=(weights + kv) * steps_per_s / bandwidth))
                     r = rows[-1]
                     print(f"  batch={batch} ctx={ctx:6d} {name:10s} {mode:10s} {attn:9s} prefill "
-                          f"{r['prefill_tok_s'] or 0:7.0f} tok/s  decode {r['decode_tok_s']:8.1f} tok/s "
+                          f"{show(r['prefill_tok_s'], '.0f'):>7} tok/s  decode {r['decode_tok_s']:8.1f} tok/s "
                           f"({r['ms_per_step']:.2f} ms/step)  KV {kv / 2**20:7.1f} MiB  bw {r['bw_fraction']:.0%}  "
                           f"error {error:.1e}", flush=True)
     same = lambda r, case, mode=None, attn=None: [f for f in rows if (f['batch'], f['context'], f['case']) == (
