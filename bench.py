@@ -24,7 +24,7 @@ import time
 import torch
 
 from configurator import check_device, configure
-from cpu_matvec import reuse_freed_memory, use_matvec
+from cpu_matvec import MatvecLinear, reuse_freed_memory, use_matvec
 from gpu_check import OpCounter, mib, show, train_table
 from model import ATTN_IMPLS, GPT, REGIMES, GPTConfig, regime_settings, resolve_attn_impl
 from sampling import compile_step
@@ -417,6 +417,8 @@ def bench_decode():
             reuse_freed_memory()
         for model in models.values():
             use_matvec(model)
+    blocked = sorted({tuple(m.weight.shape) for m in models['full'].modules() if isinstance(m, MatvecLinear)})
+    print(f"matrix-vector products blocked (cpu_matvec, measured faster here) for weights {blocked or 'none'}")
     kv_bytes = lambda model, batch, ctx: model.new_cache(batch, ctx, device='meta').nbytes()  # read per step
     rows, failed = [], []
     for batch in decode_batches:
@@ -507,7 +509,7 @@ def bench_decode():
     print('wrote', save('decode', dict(machine=machine(), preset=preset, dtype=dtype, dar_window=dar_window,
                                        dar_rank=dar_rank, read_bandwidth=bandwidth, decode_steps=decode_steps,
                                        decode_repeats=decode_repeats, decode_modes=MODES, decode_attns=ATTNS,
-                                       reuse_freed=reuse_freed,
+                                       reuse_freed=reuse_freed, blocked_matvec_weights=blocked,
                                        kv_budget_gib=kv_budget_gib,
                                        budget_context=budget_context, rows=rows, budget_rows=budget_rows,
                                        failed=failed)))

@@ -162,19 +162,19 @@ def sdpa_attention(q, k, v, window, maps):
 
 def decode_attention(q, view, up_k, up_v):
     """One new token q (B, H, 1, d) against its CacheView: view.k in its window, every latent distant. Absorbed:
-    the up maps meet q and the latent sum, never a token. Products in the cache's dtype, softmax in float32."""
+    the up maps meet q and the latent sum, never a token. Products in the cache's dtype; one softmax in float32 over
+    both score sets, kept apart and computed in place (each fresh score-sized buffer costs page faults on a CPU)."""
     q = q / math.sqrt(q.shape[-1])
-    scores = (q @ view.k.transpose(-2, -1)).float()  # (B, H, 1, n_near): q . k_j
-    if view.a is not None:
-        q_latent = q @ up_k.transpose(-2, -1)  # (B, H, 1, r): q U^T
-        scores = torch.cat([scores, (q_latent @ view.a.transpose(-2, -1)).float()], -1)  # ... (q U^T) . a_j
-    if view.mask is not None:
-        scores = scores + view.mask
-    p, n_near = torch.softmax(scores, -1).to(view.v.dtype), view.k.shape[-2]  # one softmax over both sets
-    out = p[..., :n_near] @ view.v  # sum_j p_j v_j
-    if view.a is not None:
-        out = out + (p[..., n_near:] @ view.b) @ up_v  # (sum_j p_j b_j) V
-    return out
+    scores = [(q @ view.k.transpose(-2, -1)).float()]  # (B, H, 1, n_near): q . k_j
+    if view.a is not None:  # (B, H, 1, n_far): (q U^T) . a_j, where q U^T is (B, H, 1, r)
+        scores.append((q @ up_k.transpose(-2, -1) @ view.a.transpose(-2, -1)).float())
+    for s, mask in zip(scores, view.mask.split([s.shape[-1] for s in scores]) if view.mask is not None else ()):
+        s.add_(mask)
+    top = torch.stack([s.amax(-1, keepdim=True) for s in scores if s.shape[-1]]).amax(0)  # (B, H, 1, 1)
+    total = sum(s.sub_(top).exp_().sum(-1, keepdim=True) for s in scores)
+    p = [s.div_(total).to(view.v.dtype) for s in scores]  # p_j, softmax over both sets
+    out = p[0] @ view.v  # sum_j p_j v_j
+    return out + (p[1] @ view.b) @ up_v if view.a is not None else out  # ... + (sum_j p_j b_j) V
 
 
 def fused_attention(q, k, v, window, maps):

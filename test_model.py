@@ -338,6 +338,17 @@ def test_linear_matvec_path_equals_f_linear(shape, bias, out_features, monkeypat
         torch.testing.assert_close(a, b)
 
 
+def test_use_matvec_converts_the_shapes_measured_faster(monkeypatch):
+    timed = []
+    monkeypatch.setattr(cpu_matvec, 'blocked_is_faster', lambda *shape: timed.append(shape) or shape == (32, 16))
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Linear(32, 16), torch.nn.Linear(16, 32),
+                                torch.nn.Linear(16, 32).double())
+    cpu_matvec.use_matvec(model)
+    assert [type(m).__name__ for m in model] == ['MatvecLinear', 'Linear', 'MatvecLinear', 'Linear']
+    assert timed == [(32, 16), (16, 32)]  # once per float32 shape
+    assert cpu_matvec.blocked_is_faster(97, 24) is False  # no equal row blocks: never blocked
+
+
 # ---------------------------------------------------------------------------------------------
 # KV cache
 
