@@ -411,14 +411,14 @@ def bench_decode():
     torch._dynamo.config.recompile_limit = len(DECODE_CASES) * len(decode_contexts) * (len(decode_batches) + 1) * len(
         MODES) * len(ATTNS) + 8
     bandwidth = read_bandwidth()
-    models = {name: build(w, r).eval() for name, (w, r) in DECODE_CASES.items()}
+    models, blocked = {name: build(w, r).eval() for name, (w, r) in DECODE_CASES.items()}, []
     if device == 'cpu':  # faster CPU decode steps, the same math; not in training, whose peak RSS it would hide
         if reuse_freed:
             reuse_freed_memory()
         for model in models.values():
             use_matvec(model)
-    blocked = sorted({tuple(m.weight.shape) for m in models['full'].modules() if isinstance(m, MatvecLinear)})
-    print(f"matrix-vector products blocked (cpu_matvec, measured faster here) for weights {blocked or 'none'}")
+        blocked = sorted({tuple(m.weight.shape) for m in models['full'].modules() if isinstance(m, MatvecLinear)})
+        print(f"matrix-vector products blocked (cpu_matvec, measured faster here) for weights {blocked or 'none'}")
     kv_bytes = lambda model, batch, ctx: model.new_cache(batch, ctx, device='meta').nbytes()  # read per step
     rows, failed = [], []
     for batch in decode_batches:

@@ -71,11 +71,11 @@ def use_matvec(model):
     MatvecLinear (same parameters, same state_dict); the others stay nn.Linear."""
     faster = {}
     for module in model.modules():
-        weight = getattr(module, 'weight', None)
-        if type(module) is nn.Linear and weight.device.type == 'cpu' and weight.dtype == torch.float32:
-            if weight.shape not in faster:
-                faster[weight.shape] = blocked_is_faster(*weight.shape)
-            if faster[weight.shape]:
+        if type(module) is nn.Linear and module.weight.device.type == 'cpu' and module.weight.dtype == torch.float32:
+            shape = module.weight.shape
+            if shape not in faster:
+                faster[shape] = blocked_is_faster(*shape)
+            if faster[shape]:
                 module.__class__ = MatvecLinear
     return model
 
