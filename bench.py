@@ -61,11 +61,13 @@ kv_budget_gib = 4.0  # the budget rows: the largest batch whose KV cache fits in
 budget_context = 0  # ... at this context, full vs DAR (0: the largest of decode_contexts)
 prefill_repeats = 3
 prefill_max_context = 0  # 0: 4096 on CPU (prefill is quadratic: minutes a run past it there), 32768 on CUDA
+decode_processes = True  # each case and mode measured in a process of its own; False: all in this one (quick looks)
 reuse_freed = True  # CPU: cpu_matvec.reuse_freed_memory() (glibc keeps freed memory); False: as a plain loop runs
 out_dir = 'out-bench'  # the committed figures in results/ are written only when asked: --out_dir=results
 case = ''  # internal: one training case, 'regime:path', run in a child process so its peak memory is its own
 seq_len = 0  # internal, with case
 measure = 'time'  # internal, with case: 'time', 'memory' or both ('time,memory')
+decode_group = ''  # internal: one decode case in one mode, 'case:mode', measured in a child process of its own
 
 config = {k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, str, list))}
 configure(config, sys.argv[1:])
@@ -405,47 +407,82 @@ def compiled(model, mode):
     return compile_step(model)
 
 
+def budget_batch(model):
+    """The largest batch whose KV cache at budget_context fits in kv_budget_gib."""
+    batch = int(kv_budget_gib * 2**30 // model.new_cache(1, budget_context + decode_steps + 1, device='meta').nbytes())
+    if batch < 1:
+        raise SystemExit(f"--kv_budget_gib={kv_budget_gib} holds no sequence of {budget_context} tokens")
+    return batch
+
+
 @torch.no_grad()
-def bench_decode():
-    # one compilation per case, shape, compiled mode and decode attention
+def measure_group(name, mode):
+    """Every decode row of case name in mode: each batch, context and form, then its budget row; its progress goes
+    to stderr (a child process's stdout is its result)."""
+    # one compilation per case, shape, mode and decode attention (one process may measure them all)
     torch._dynamo.config.recompile_limit = len(DECODE_CASES) * len(decode_contexts) * (len(decode_batches) + 1) * len(
         MODES) * len(ATTNS) + 8
-    bandwidth = read_bandwidth()
-    models, blocked = {name: build(w, r).eval() for name, (w, r) in DECODE_CASES.items()}, []
+    model, blocked = build(*DECODE_CASES[name]).eval(), []
     if device == 'cpu':  # faster CPU decode steps, the same math; not in training, whose peak RSS it would hide
         if reuse_freed:
             reuse_freed_memory()
-        for model in models.values():
-            use_matvec(model)
-        blocked = sorted({tuple(m.weight.shape) for m in models['full'].modules() if isinstance(m, MatvecLinear)})
-        print(f"matrix-vector products blocked (cpu_matvec, measured faster here) for weights {blocked or 'none'}")
-    kv_bytes = lambda model, batch, ctx: model.new_cache(batch, ctx, device='meta').nbytes()  # read per step
+        use_matvec(model)
+        blocked = sorted({tuple(m.weight.shape) for m in model.modules() if isinstance(m, MatvecLinear)})
+    points = [(batch, ctx, False) for batch in decode_batches for ctx in decode_contexts]
+    if kv_budget_gib and name in ('full', 'DAR'):
+        points.append((budget_batch(model), budget_context, True))
     rows, failed = [], []
-    for batch in decode_batches:
-        for ctx in decode_contexts:
-            for name, model in models.items():
-                kv, full_kv, weights = kv_bytes(model, batch, ctx), kv_bytes(models['full'], batch, ctx), \
-                    weight_bytes(model)
-                for attn, mode in itertools.product(ATTNS, MODES):
-                    first = (attn, mode) == (ATTNS[0], MODES[0])  # the prompt is timed once
-                    result = form_case(failed, f"batch {batch}, context {ctx}, {name}", model, batch, ctx, mode, attn,
-                                       prefill=first)
-                    if result is None:
-                        continue
-                    prefill_tok_s, steps_per_s, ops, busy_ms, error = result
-                    rows.append(dict(batch=batch, context=ctx, case=name, mode=mode, attn=attn,
-                                     prefill_tok_s=prefill_tok_s, decode_tok_s=batch * steps_per_s,
-                                     ms_per_step=1e3 / steps_per_s, logit_error=error,
-                                     ops_per_step=ops, device_busy_ms=busy_ms, kv_bytes=kv, weight_bytes=weights,
-                                     # the best speedup over full attention at equal read bandwidth
-                                     bytes_ceiling=(weights + full_kv) / (weights + kv),
-                                     achieved_bw=(weights + kv) * steps_per_s,
-                                     bw_fraction=(weights + kv) * steps_per_s / bandwidth))
-                    r = rows[-1]
-                    print(f"  batch={batch} ctx={ctx:6d} {name:10s} {mode:10s} {attn:9s} prefill "
-                          f"{show(r['prefill_tok_s'], '.0f'):>7} tok/s  decode {r['decode_tok_s']:8.1f} tok/s "
-                          f"({r['ms_per_step']:.2f} ms/step)  KV {kv / 2**20:7.1f} MiB  bw {r['bw_fraction']:.0%}  "
-                          f"error {error:.1e}", flush=True)
+    for (batch, ctx, budget), attn in itertools.product(points, ATTNS):
+        label = f"{'budget ' * budget}batch {batch}, context {ctx}, {name}"
+        result = form_case(failed, label, model, batch, ctx, mode, attn,
+                           prefill=(attn, mode) == (ATTNS[0], MODES[0]) and not budget)  # the prompt is timed once
+        if result is None:
+            continue
+        prefill_tok_s, steps_per_s, ops, busy_ms, error = result
+        rows.append(dict(batch=batch, context=ctx, case=name, mode=mode, attn=attn, budget=budget,
+                         prefill_tok_s=prefill_tok_s, decode_tok_s=batch * steps_per_s, ms_per_step=1e3 / steps_per_s,
+                         logit_error=error, ops_per_step=ops, device_busy_ms=busy_ms))
+        print(f"  {label:38s} {mode:10s} {attn:9s} prefill {show(prefill_tok_s, '.0f'):>7} tok/s  decode "
+              f"{rows[-1]['decode_tok_s']:8.1f} tok/s ({rows[-1]['ms_per_step']:.2f} ms/step)  error {error:.1e}",
+              file=sys.stderr, flush=True)
+    return dict(rows=rows, failed=failed, blocked=blocked)
+
+
+def group_rows(name, mode):
+    """measure_group(name, mode), in a process of its own unless decode_processes is off: a step's speed is its own
+    there (in one process, an eager step measured after another case's compiled one ran 1.3x slower on a CPU)."""
+    if not decode_processes:
+        return measure_group(name, mode)
+    cmd = [sys.executable, __file__, f'--decode_group={name}:{mode}'] + \
+          [a for a in sys.argv[1:] if not a.startswith(('--section', '--decode_group'))]
+    res = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)  # stderr, the progress, passes through
+    if res.returncode:
+        raise SystemExit(f"decode case {name} in mode {mode} failed (exit {res.returncode}): its error is above")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def bench_decode():
+    bandwidth = read_bandwidth()
+    groups = [group_rows(name, mode) for name in DECODE_CASES for mode in MODES]
+    blocked, failed = groups[0]['blocked'], [f for g in groups for f in g['failed']]
+    if device == 'cpu':
+        print(f"matrix-vector products blocked (cpu_matvec, measured faster here) for weights {blocked or 'none'}")
+    order = lambda r: (r['budget'], r['batch'], r['context'], list(DECODE_CASES).index(r['case']),
+                       ATTNS.index(r['attn']), MODES.index(r['mode']))
+    measured = sorted((r for g in groups for r in g['rows']), key=order)
+    with torch.device('meta'):  # shapes only: the bytes a step reads
+        models = {name: GPT(GPTConfig.from_preset(preset, dar_window=w, dar_rank=r)).to(getattr(torch, dtype))
+                  for name, (w, r) in DECODE_CASES.items()}
+    kv_bytes = lambda model, batch, ctx: model.new_cache(batch, ctx, device='meta').nbytes()  # read per step
+    for r in measured:
+        model, steps_per_s = models[r['case']], r['decode_tok_s'] / r['batch']
+        kv, full_kv, weights = (kv_bytes(model, r['batch'], r['context']), kv_bytes(models['full'], r['batch'],
+                                r['context']), weight_bytes(model))
+        r.update(kv_bytes=kv, weight_bytes=weights, achieved_bw=(weights + kv) * steps_per_s,
+                 bw_fraction=(weights + kv) * steps_per_s / bandwidth,
+                 # the best speedup over full attention at equal read bandwidth
+                 bytes_ceiling=(weights + full_kv) / (weights + kv))
+    rows, budget_rows = [r for r in measured if not r['budget']], [r for r in measured if r['budget']]
     same = lambda r, case, mode=None, attn=None: [f for f in rows if (f['batch'], f['context'], f['case']) == (
         r['batch'], r['context'], case) and mode in (None, f['mode']) and attn in (None, f['attn'])]
     for r in rows:  # against full attention at its best mode and form: an honest ratio
@@ -456,24 +493,6 @@ def bench_decode():
         eager, reference = same(r, r['case'], 'eager', r['attn']), same(r, r['case'], r['mode'], 'reference')
         r['vs_eager'] = r['decode_tok_s'] / eager[0]['decode_tok_s'] if eager else None
         r['vs_reference'] = r['decode_tok_s'] / reference[0]['decode_tok_s'] if reference else None
-    budget_rows = []
-    for name in ('full', 'DAR') if kv_budget_gib else ():
-        model = models[name]
-        batch = int(kv_budget_gib * 2**30 // kv_bytes(model, 1, budget_context + decode_steps + 1))
-        if batch < 1:
-            raise SystemExit(f"--kv_budget_gib={kv_budget_gib} holds no {name} sequence of {budget_context} tokens")
-        kv = kv_bytes(model, batch, budget_context)
-        for attn, mode in itertools.product(ATTNS, MODES):
-            result = form_case(failed, f"budget batch {batch}, {name}", model, batch, budget_context, mode, attn,
-                               prefill=False)
-            if result is None:
-                continue
-            _, steps_per_s, _, _, error = result
-            budget_rows.append(dict(case=name, mode=mode, attn=attn, batch=batch, decode_tok_s=batch * steps_per_s,
-                                    kv_bytes=kv, logit_error=error,
-                                    bw_fraction=(weight_bytes(model) + kv) * steps_per_s / bandwidth))
-            print(f"  budget {kv_budget_gib} GiB at ctx={budget_context}: {name} {mode} {attn} batch {batch} "
-                  f"{budget_rows[-1]['decode_tok_s']:.1f} tok/s", flush=True)
     for r in budget_rows:
         r['decode_vs_full'] = r['decode_tok_s'] / max(f['decode_tok_s'] for f in budget_rows if f['case'] == 'full')
 
@@ -544,6 +563,8 @@ def plot_decode(rows, batch):
 if __name__ == '__main__':
     if case:
         run_train_case()
+    elif decode_group:
+        print(json.dumps(measure_group(*decode_group.split(':'))))
     else:
         if section in ('train', 'all'):
             bench_train()

@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from sampling import check_sampling, sample_next
+from sampling import cache_matmul, check_sampling, sample_next
 
 # ---- Configuration
 
@@ -161,20 +161,20 @@ def sdpa_attention(q, k, v, window, maps):
 
 
 def decode_attention(q, view, up_k, up_v):
-    """One new token q (B, H, 1, d) against its CacheView: view.k in its window, every latent distant. Absorbed:
-    the up maps meet q and the latent sum, never a token. Products in the cache's dtype; one softmax in float32 over
-    both score sets, kept apart and computed in place (each fresh score-sized buffer costs page faults on a CPU)."""
+    """One new token q (B, H, 1, d) against its CacheView: view.k in its window, every latent distant. Absorbed: the
+    up maps meet q and the latent sum, never a token. Products in the cache's dtype; one softmax in float32 over both
+    score sets, apart and in place (fresh score-sized buffers fault pages on a CPU), divided after the sums."""
     q = q / math.sqrt(q.shape[-1])
-    scores = [(q @ view.k.transpose(-2, -1)).float()]  # (B, H, 1, n_near): q . k_j
+    scores = [cache_matmul(q, view.k.transpose(-2, -1)).float()]  # (B, H, 1, n_near): q . k_j
     if view.a is not None:  # (B, H, 1, n_far): (q U^T) . a_j, where q U^T is (B, H, 1, r)
         scores.append((q @ up_k.transpose(-2, -1) @ view.a.transpose(-2, -1)).float())
     for s, mask in zip(scores, view.mask.split([s.shape[-1] for s in scores]) if view.mask is not None else ()):
         s.add_(mask)
     top = torch.stack([s.amax(-1, keepdim=True) for s in scores if s.shape[-1]]).amax(0)  # (B, H, 1, 1)
-    total = sum(s.sub_(top).exp_().sum(-1, keepdim=True) for s in scores)
-    p = [s.div_(total).to(view.v.dtype) for s in scores]  # p_j, softmax over both sets
-    out = p[0] @ view.v  # sum_j p_j v_j
-    return out + (p[1] @ view.b) @ up_v if view.a is not None else out  # ... + (sum_j p_j b_j) V
+    total = sum(s.sub_(top).exp_().sum(-1, keepdim=True) for s in scores)  # e_j = exp(s_j - top); p_j = e_j / total
+    out = cache_matmul(scores[0].to(view.v.dtype), view.v)  # sum_j e_j v_j
+    out = out + (scores[1].to(out.dtype) @ view.b) @ up_v if view.a is not None else out  # ... + (sum_j e_j b_j) V
+    return (out / total).to(view.v.dtype)
 
 
 def fused_attention(q, k, v, window, maps):
@@ -242,9 +242,8 @@ class DARAttention(nn.Module):
     def forward(self, x, cos, sin, cache=None):
         B, T, C = x.shape
         q, k, v = self.qkv(x, cos, sin)
-        maps = self.latent_maps()
-        if maps is not None:  # under autocast q, k, v are bf16 and the maps' parameters float32
-            maps = tuple(m.to(q.dtype) for m in maps)
+        maps = self.latent_maps()  # under autocast q, k, v are bf16 and the maps' parameters float32:
+        maps = None if maps is None else tuple(m.to(q.dtype) for m in maps)
         # Outside autocast, in its dtype of q, k, v: scores stay float32, the fused backward sees its forward's dtypes
         with torch.autocast('cpu' if x.device.type == 'meta' else x.device.type, enabled=False):
             view = None if cache is None else cache.update(self.layer_idx, k, v, maps)
@@ -299,8 +298,7 @@ class GPT(nn.Module):
         self.config = config
         self.rot_dim = int(config.head_dim * config.rotary_pct) // 2 * 2
         self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(config.vocab_size, config.n_embd),
-            drop=nn.Dropout(config.dropout),
+            wte=nn.Embedding(config.vocab_size, config.n_embd), drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
             ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias),
         ))
@@ -363,8 +361,7 @@ class GPT(nn.Module):
 
     def flops_per_token(self, T):
         """Training FLOPs per token at context T (PaLM appendix B style, causal average)."""
-        cfg = self.config
-        mean_keys = (T + 1) / 2
+        cfg, mean_keys = self.config, (T + 1) / 2
         full = mean_keys if cfg.window is None else min(mean_keys, cfg.window)
         latent = mean_keys - full if cfg.has_latents else 0.0
         attended_dims = full * cfg.head_dim + latent * cfg.dar_rank  # per head, per query, in q . k and p . v
@@ -446,7 +443,12 @@ class KVCache:
         if config.has_latents and max_seq_len > self.window:  # static: a row per position, written by index
             self.a, self.b = (zeros(B, H, max_seq_len - (not static) * self.window, r) for _ in 'ab')
         self.n_cached, self.pos = 0, torch.zeros(1, dtype=torch.long, device=device)  # static: counted in pos
-        for t in [t for t in (*self.k, *self.v, *self.a, *self.b, self.pos) if static]:
+        self.n_latents = self.a[0].shape[-2] if self.a else 0
+        # static: ring slot s is read from position s on, latent row j once first_local passes it. A compiled step's
+        # softmax compares these (floats, exact to 2^24) with the position, cheaper than the rule for every score
+        self.read_after = torch.cat([torch.arange(self.ring_size) - 1, torch.arange(self.n_latents) - first_local(
+            0, self.window)]).to(device, torch.float32)
+        for t in [t for t in (*self.k, *self.v, *self.a, *self.b, self.pos, self.read_after) if static]:
             torch._dynamo.mark_static_address(t)  # written in place by a replayed CUDA graph: never copied
 
     nbytes = lambda self: sum(t.numel() * t.element_size() for t in (*self.k, *self.v, *self.a, *self.b))
@@ -460,7 +462,7 @@ class KVCache:
 
     def begin(self, idx, dtype):
         """Checks the next chunk idx (B, n) (activations in dtype) and plans its step; returns its positions."""
-        (B, n), S, n_latents = idx.shape, self.ring_size, self.a[0].shape[-2] if self.a else 0
+        (B, n), S, n_latents = idx.shape, self.ring_size, self.n_latents
         on_device = self.static and n == 1  # a static decode step reads no host number: one graph for all steps
         start = None if on_device else self.length
         for bad, message in (
@@ -479,9 +481,7 @@ class KVCache:
             pos, past = self.pos, f"a static cache step past its max_seq_len {self.max_seq_len}: make a larger cache"
             torch._assert_async(pos[0] < self.max_seq_len, past)  # checked on the device, raised at a sync
             wrap = lambda n: pos % n if n else pos[:0]  # slots in bounds even past the end: the assert reports it
-            slot = torch.arange(S + n_latents, device=self.device)
-            written = torch.where(slot < S, slot <= pos, slot - S < first_local(pos, self.window))
-            mask = torch.zeros(len(slot), device=self.device).masked_fill(~written, -math.inf)
+            mask = torch.zeros(len(self.read_after), device=self.device).masked_fill(self.read_after >= pos, -math.inf)
             self.step = CacheStep(pos, 1, wrap(S), None, wrap(n_latents), S, n_latents, mask)
             return pos
         slots = lambda lo, hi: torch.arange(lo, hi, device=self.device) % max(S, 1)
