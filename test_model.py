@@ -684,7 +684,7 @@ def test_bench_runs_and_writes_results(tmp_path):
     proc = run('bench.py', '--device=cpu', '--preset=tiny', '--dar_window=16', '--dar_rank=8', '--train_seq_lens=[40]',
                '--train_tokens=80', '--train_regimes=dar,full', '--train_paths=fused,auto', '--train_repeats=1',
                '--decode_contexts=[24,48]', '--decode_steps=2', '--decode_repeats=1', '--prefill_repeats=1',
-               '--decode_batches=[1,2]', '--kv_budget_gib=0.001', cwd=tmp_path)
+               '--decode_batches=[1,2]', '--decode_cases=full,DAR', '--kv_budget_gib=0.001', cwd=tmp_path)
     out = tmp_path / 'out-bench'  # not the committed results/: those only when asked
     train = json.loads((out / 'train_cpu.json').read_text())
     # 'auto' is measured as the path it picks, once, its row marked
