@@ -56,7 +56,8 @@ if [ "${GPU_CHECK_DRY:-0}" = 1 ]; then
   shape=(--device=cpu --preset=tiny --n_layer=1 --n_head=2 --n_embd=32 --block_size=40 --dtype=float32)
   window=16 rank=4 iters=${GPU_CHECK_ITERS:-1}
   bench=(--device=cpu --preset=tiny --dar_window=16 --dar_rank=8 --decode_contexts=[40] --decode_batches=[1]
-         --decode_steps=2 --decode_repeats=1 --prefill_repeats=1 --kv_budget_gib=0.0005)
+         --decode_steps=2 --decode_repeats=1 --prefill_repeats=1 --kv_budget_gib=0.0005
+         --decode_processes=False)  # its decode cases in one process: seconds of start-up each saved, nothing timed
   dry=--dry evals=(--eval_sequences=2 --eval_iters=1 --batch_size=2) modes=eager
   compiled=eager  # the decode forms' stage without inductor: minutes a shape on a CPU, and no flex log-sum-exp
   code=(--source_dir=config --val_every=2) code_iters=1 code_seeds=1 code_regimes=dar
