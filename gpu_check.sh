@@ -56,16 +56,17 @@ if [ "${GPU_CHECK_DRY:-0}" = 1 ]; then
   shape=(--device=cpu --preset=tiny --n_layer=1 --n_head=2 --n_embd=32 --block_size=40 --dtype=float32)
   window=16 rank=4 iters=${GPU_CHECK_ITERS:-1}
   bench=(--device=cpu --preset=tiny --dar_window=16 --dar_rank=8 --decode_contexts=[40] --decode_batches=[1]
-         --decode_steps=2 --decode_repeats=1 --prefill_repeats=1 --kv_budget_gib=0.0005
-         --decode_processes=False)  # its decode cases in one process: seconds of start-up each saved, nothing timed
+         --decode_steps=2 --decode_repeats=1 --prefill_repeats=1 --kv_budget_gib=0.0005 --decode_processes=False)
   dry=--dry evals=(--eval_sequences=2 --eval_iters=1 --batch_size=2) modes=eager
   compiled=eager  # the decode forms' stage without inductor: minutes a shape on a CPU, and no flex log-sum-exp
   code=(--source_dir=config --val_every=2) code_iters=1 code_seeds=1 code_regimes=dar
 else
   shape=(--device=cuda --preset=pythia-70m --block_size=2048 --dtype=bfloat16) window=256 rank=16
   iters=${GPU_CHECK_ITERS:-300}
+  # decode cases in one process: a process of its own each (bench.py's default, after a CPU's slow eager step
+  # measured after a compiled one) would spend device time on start-ups, and that effect is unseen on a GPU
   bench=(--device=cuda --preset=pythia-70m --dar_window=256 --dar_rank=16 --decode_contexts=[32768]
-         --decode_batches=[1,8] --kv_budget_gib=4)
+         --decode_batches=[1,8] --kv_budget_gib=4 --decode_processes=False)
   dry='' evals=(--eval_sequences=32 --eval_iters=10 --batch_size=8) modes=eager,cudagraphs compiled=compiled
   code=(--vocab_size=50304) code_iters=${GPU_CHECK_CODE_ITERS:-400} code_seeds=1,2 code_regimes=full,dar,uniform,local
   if [ -d .gpu-wheels ]; then
