@@ -363,7 +363,7 @@ def form_case(failed, label, model, batch, ctx, mode, attn, prefill):
         if attn == 'reference':
             raise
         failed.append(f"{label} {mode} {attn}: {type(e).__name__}: {e}"[:800])
-        print('  FAILED', failed[-1], flush=True)
+        print('  FAILED', failed[-1], file=sys.stderr, flush=True)  # a child's stdout is its result
         return None
 
 
