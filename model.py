@@ -167,13 +167,13 @@ def decode_attention(q, view, up_k, up_v):
     q = q / math.sqrt(q.shape[-1])
     scores = [cache_matmul(q, view.k.transpose(-2, -1)).float()]  # (B, H, 1, n_near): q . k_j
     if view.a is not None:  # (B, H, 1, n_far): (q U^T) . a_j, where q U^T is (B, H, 1, r)
-        scores.append((q @ up_k.transpose(-2, -1) @ view.a.transpose(-2, -1)).float())
+        scores.append(cache_matmul(q @ up_k.transpose(-2, -1), view.a.transpose(-2, -1)).float())
     for s, mask in zip(scores, view.mask.split([s.shape[-1] for s in scores]) if view.mask is not None else ()):
         s.add_(mask)
     top = torch.stack([s.amax(-1, keepdim=True) for s in scores if s.shape[-1]]).amax(0)  # (B, H, 1, 1)
     total = sum(s.sub_(top).exp_().sum(-1, keepdim=True) for s in scores)  # e_j = exp(s_j - top); p_j = e_j / total
     out = cache_matmul(scores[0].to(view.v.dtype), view.v)  # sum_j e_j v_j
-    out = out + (scores[1].to(out.dtype) @ view.b) @ up_v if view.a is not None else out  # ... + (sum_j e_j b_j) V
+    out = out + cache_matmul(scores[1].to(out.dtype), view.b) @ up_v if view.a is not None else out  # + (sum e_j b_j) V
     return (out / total).to(view.v.dtype)
 
 
@@ -419,12 +419,12 @@ CacheView = namedtuple('CacheView', 'k v a b mask')  # what a layer reads: a chu
 class KVCache:
     """Preallocated DAR KV cache. It only stores: `update` writes a layer's new keys and values and hands back what
     that layer reads; the attention attends. Per layer, tensors of its own (a compiled step writes them in place): a
-    ring of the last W keys and values in full dims (B, H, W, d) and latents (a, b) (B, H, max_seq_len - W, r), each
-    computed when its token is written, so a ring slot can be overwritten at any time. Full attention: a ring of
-    max_seq_len; local-only: no latents. A step: begin() (checks, plans), update() per layer, end_step(). A decode
-    step that raised can be run again; a chunk that raised may have overwritten ring slots it reads, so the cache
-    then refuses input until reset(). static: a decode step reads every slot, masking unwritten ones, and takes its
-    position as a tensor, so every step is one graph (compiled, replayed as a CUDA graph)."""
+    ring of the last W keys and values in full dims (B, H, W, d), latents (a, b) held (B, H, r, max_seq_len - W) (a
+    one-row product reads them faster so) and handed out as (B, H, n, r), each computed when its token is written, so
+    a ring slot can be overwritten at any time. Full attention: a ring of max_seq_len; local-only: no latents. A step:
+    begin() (checks, plans), update() per layer, end_step(). A decode step that raised can be run again; a chunk that
+    raised may have overwritten ring slots it reads, so the cache then refuses input until reset(). static: a decode
+    step reads every slot, masking unwritten ones, and takes its position as a tensor: one graph (CUDA graph) a step."""
 
     prefill_block = 256  # query block of a chunk: scores are (B, H, block, context) at a time
 
@@ -440,10 +440,10 @@ class KVCache:
         self.k, self.v = (zeros(B, H, self.ring_size, d) for _ in 'kv')
         self.device = self.k[0].device  # 'cuda' means the current device: under DDP, this rank's
         self.a = self.b = []  # per layer, with latents
-        if config.has_latents and max_seq_len > self.window:  # static: a row per position, written by index
-            self.a, self.b = (zeros(B, H, max_seq_len - (not static) * self.window, r) for _ in 'ab')
+        if config.has_latents and max_seq_len > self.window:  # static: a column per position, written by index
+            self.a, self.b = (zeros(B, H, r, max_seq_len - (not static) * self.window) for _ in 'ab')
         self.n_cached, self.pos = 0, torch.zeros(1, dtype=torch.long, device=device)  # static: counted in pos
-        self.n_latents = self.a[0].shape[-2] if self.a else 0
+        self.n_latents = self.a[0].shape[-1] if self.a else 0
         # static: ring slot s is read from position s on, latent row j once first_local passes it. A compiled step's
         # softmax compares these (floats, exact to 2^24) with the position, cheaper than the rule for every score
         self.read_after = torch.cat([torch.arange(self.ring_size) - 1, torch.arange(self.n_latents) - first_local(
@@ -501,12 +501,12 @@ class KVCache:
             v = torch.cat([ring_v.index_select(2, st.older_slots), v], 2)
         if self.a:  # the first len(latent_slots) new tokens; later ones are never distant
             m = len(st.latent_slots)
-            self.a[layer].index_copy_(2, st.latent_slots, new_k[:, :, :m] @ maps[0])
-            self.b[layer].index_copy_(2, st.latent_slots, new_v[:, :, :m] @ maps[2])
+            self.a[layer].index_copy_(3, st.latent_slots, (new_k[:, :, :m] @ maps[0]).transpose(-2, -1))
+            self.b[layer].index_copy_(3, st.latent_slots, (new_v[:, :, :m] @ maps[2]).transpose(-2, -1))
         m = len(st.ring_slots)
         ring_k.index_copy_(2, st.ring_slots, new_k[:, :, st.n - m:])
         ring_v.index_copy_(2, st.ring_slots, new_v[:, :, st.n - m:])
-        a, b = (t[layer][:, :, :st.n_far] if t else None for t in (self.a, self.b))
+        a, b = (t[layer][..., :st.n_far].transpose(-2, -1) if t else None for t in (self.a, self.b))
         if st.n > 1:  # a chunk: its keys in position order; a decode step: the ring's written slots
             return CacheView(k, v, a, b, None)
         return CacheView(ring_k[:, :, :st.held], ring_v[:, :, :st.held], a, b, st.mask)

@@ -12,9 +12,9 @@ opaque_matmul.register_fake(torch.matmul)
 
 
 def cache_matmul(a, b):
-    """a @ b, for a decode step's products with the cached keys and values in d dims. Compiling for a CPU, inductor
-    would lower a product of one query row to a multiply-and-sum loop of its own, which reads a long cache slower
-    than MKL (docs/benchmarks.md); as an op it cannot see into, the product stays MKL's. Eagerly and on GPUs: a @ b."""
+    """a @ b, for a decode step's products with the cache. Compiling for a CPU, inductor would lower a product of one
+    query row to a multiply-and-sum loop of its own, which reads a long cache slower than MKL (docs/benchmarks.md);
+    as an op it cannot see into, the product stays MKL's. Eagerly and on GPUs: a @ b."""
     return opaque_matmul(a, b) if torch.compiler.is_compiling() and a.device.type == 'cpu' else a @ b
 
 
