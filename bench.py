@@ -318,6 +318,11 @@ def read_bandwidth():
     return x.numel() * x.element_size() / median
 
 
+def kv_bytes(model, batch, ctx):
+    """Bytes of model's KV cache for batch sequences of ctx tokens: what a decode step reads from it."""
+    return model.new_cache(batch, ctx, device='meta').nbytes()
+
+
 def weight_bytes(model):
     """Bytes a decode step reads from the weights: all but the token embedding (one row a step)."""
     wte = model.transformer.wte.weight
@@ -409,7 +414,7 @@ def compiled(model, mode):
 
 def budget_batch(model):
     """The largest batch whose KV cache at budget_context fits in kv_budget_gib."""
-    batch = int(kv_budget_gib * 2**30 // model.new_cache(1, budget_context + decode_steps + 1, device='meta').nbytes())
+    batch = int(kv_budget_gib * 2**30 // kv_bytes(model, 1, budget_context + decode_steps + 1))
     if batch < 1:
         raise SystemExit(f"--kv_budget_gib={kv_budget_gib} holds no sequence of {budget_context} tokens")
     return batch
@@ -473,7 +478,6 @@ def bench_decode():
     with torch.device('meta'):  # shapes only: the bytes a step reads
         models = {name: GPT(GPTConfig.from_preset(preset, dar_window=w, dar_rank=r)).to(getattr(torch, dtype))
                   for name, (w, r) in DECODE_CASES.items()}
-    kv_bytes = lambda model, batch, ctx: model.new_cache(batch, ctx, device='meta').nbytes()  # read per step
     for r in measured:
         model, steps_per_s = models[r['case']], r['decode_tok_s'] / r['batch']
         kv, full_kv, weights = (kv_bytes(model, r['batch'], r['context']), kv_bytes(models['full'], r['batch'],
