@@ -427,12 +427,12 @@ def measure_group(name, mode):
     # one compilation per case, shape, mode and decode attention (one process may measure them all)
     torch._dynamo.config.recompile_limit = len(DECODE_CASES) * len(decode_contexts) * (len(decode_batches) + 1) * len(
         MODES) * len(ATTNS) + 8
-    model, blocked = build(*DECODE_CASES[name]).eval(), []
+    model, matvec = build(*DECODE_CASES[name]).eval(), {}
     if device == 'cpu':  # faster CPU decode steps, the same math; not in training, whose peak RSS it would hide
         if reuse_freed:
             reuse_freed_memory()
         use_matvec(model)
-        blocked = sorted({tuple(m.weight.shape) for m in model.modules() if isinstance(m, MatvecLinear)})
+        matvec = {'x'.join(map(str, m.weight.shape)): m.form for m in model.modules() if isinstance(m, MatvecLinear)}
     points = [(batch, ctx, False) for batch in decode_batches for ctx in decode_contexts]
     if kv_budget_gib and name in ('full', 'DAR'):
         points.append((budget_batch(model), budget_context, True))
@@ -450,7 +450,7 @@ def measure_group(name, mode):
         print(f"  {label:38s} {mode:10s} {attn:9s} prefill {show(prefill_tok_s, '.0f'):>7} tok/s  decode "
               f"{rows[-1]['decode_tok_s']:8.1f} tok/s ({rows[-1]['ms_per_step']:.2f} ms/step)  error {error:.1e}",
               file=sys.stderr, flush=True)
-    return dict(rows=rows, failed=failed, blocked=blocked)
+    return dict(rows=rows, failed=failed, matvec=matvec)
 
 
 def group_rows(name, mode):
@@ -469,9 +469,9 @@ def group_rows(name, mode):
 def bench_decode():
     bandwidth = read_bandwidth()
     groups = [group_rows(name, mode) for name in DECODE_CASES for mode in MODES]
-    blocked, failed = groups[0]['blocked'], [f for g in groups for f in g['failed']]
+    matvec, failed = groups[0]['matvec'], [f for g in groups for f in g['failed']]
     if device == 'cpu':
-        print(f"matrix-vector products blocked (cpu_matvec, measured faster here) for weights {blocked or 'none'}")
+        print(f"matrix-vector products not F.linear's (cpu_matvec, timed faster here): {matvec or 'none'}")
     order = lambda r: (r['budget'], r['batch'], r['context'], list(DECODE_CASES).index(r['case']),
                        ATTNS.index(r['attn']), MODES.index(r['mode']))
     measured = sorted((r for g in groups for r in g['rows']), key=order)
@@ -532,7 +532,7 @@ def bench_decode():
     print('wrote', save('decode', dict(machine=machine(), preset=preset, dtype=dtype, dar_window=dar_window,
                                        dar_rank=dar_rank, read_bandwidth=bandwidth, decode_steps=decode_steps,
                                        decode_repeats=decode_repeats, decode_modes=MODES, decode_attns=ATTNS,
-                                       reuse_freed=reuse_freed, blocked_matvec_weights=blocked,
+                                       reuse_freed=reuse_freed, matvec_forms=matvec,
                                        kv_budget_gib=kv_budget_gib,
                                        budget_context=budget_context, rows=rows, budget_rows=budget_rows,
                                        failed=failed)))

@@ -1,12 +1,12 @@
 """
 Opt-ins for decoding on CPU (sample.py and bench.py apply them there), measured in docs/benchmarks.md:
 
-use_matvec(model): nn.Linear's matrix-vector products in float32 as one batched product over row blocks
-of the weight, for the weight shapes where that is measured faster here. On some CPUs PyTorch's F.linear reads
-a weight for 1 to 8 input rows at a fraction of the memory bandwidth and the blocked product several times
-faster; on others F.linear is the faster (both measured in docs/benchmarks.md), so use_matvec times the two once
-per weight shape and keeps F.linear where it wins. The math is F.linear's; training (many rows), GPUs, bf16 and
-autocast take F.linear.
+use_matvec(model): nn.Linear's products with 1 to 8 input rows (the tokens of a decode step) in float32 through
+the form timed fastest on this CPU for each weight shape, of three: F.linear; `blocked`, one batched product over
+row blocks of the weight (on some CPUs F.linear reads a weight for one row at a fraction of the memory bandwidth);
+`packed`, oneDNN's product with the weight in its blocked layout for 8 rows (MKL's F.linear computes 8 rows
+against the 50k-row head at a fraction of the bandwidth too). The math is F.linear's; training (many rows or
+autograd), GPUs, bf16 and autocast take F.linear.
 
 reuse_freed_memory(): glibc hands large freed blocks back to the OS, so a decode step's score-sized
 temporaries (MBs at 32k context) come back as fresh pages that fault in on every step; this keeps them
@@ -19,17 +19,19 @@ import ctypes.util
 import math
 import statistics
 import time
+from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.weak import WeakIdKeyDictionary
 
-MATVEC_ROWS = 8  # inputs of up to this many rows (the tokens of a decode step) take the blocked path
+MATVEC_ROWS = 8  # inputs of up to this many rows (the tokens of a decode step) take a MatvecLinear's form
 
 
-def blocked_linear(x, weight, bias, blocks):
-    """F.linear(x, weight, bias) for x of few rows, as one batched product over `blocks` row blocks of the weight."""
-    rows, (out_features, in_features) = x.numel() // x.shape[-1], weight.shape
+def blocked_linear(x, weight, bias):
+    """F.linear(x, weight, bias) for x of few rows, as one batched product over row blocks of the weight."""
+    rows, (out_features, in_features), blocks = x.numel() // x.shape[-1], weight.shape, math.gcd(weight.shape[0], 8)
     weight = weight.view(blocks, out_features // blocks, in_features)
     y = torch.bmm(weight, x.reshape(rows, in_features).T.expand(blocks, -1, -1))  # (blocks, out/blocks, rows)
     y = y.view(out_features, rows).T  # (rows, out_features)
@@ -38,13 +40,34 @@ def blocked_linear(x, weight, bias, blocks):
     return y.reshape(*x.shape[:-1], out_features)
 
 
+PACKED = WeakIdKeyDictionary()  # weight -> (its version when packed, oneDNN's copy): freed with the weight
+
+
+@torch.library.custom_op('dar::packed_linear', mutates_args=())
+def packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """F.linear(x, weight, bias) through oneDNN, the weight in its layout for MATVEC_ROWS rows: a copy made at the
+    first call and again after the weight changes in place. No autograd. As an op, a compiled step calls it too."""
+    version, packed = PACKED.get(weight, (None, None))
+    if version != weight._version:
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), MATVEC_ROWS)
+        PACKED[weight] = weight._version, packed
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, 'none', [None], '')
+
+
+packed_linear.register_fake(lambda x, weight, bias: x.new_empty(*x.shape[:-1], weight.shape[0]))
+FORMS = {'blocked': blocked_linear, 'packed': packed_linear}
+
+
 class MatvecLinear(nn.Linear):
+    form = 'blocked'  # a key of FORMS: use_matvec sets the one timed fastest for the weight's shape
+
     def forward(self, x):
-        rows, blocks = x.numel() // self.in_features, math.gcd(self.out_features, 8)
-        if (x.device.type != 'cpu' or rows > MATVEC_ROWS or blocks == 1 or torch.is_autocast_enabled('cpu')
-                or x.dtype != torch.float32 or self.weight.dtype != torch.float32):
+        if (x.device.type != 'cpu' or x.numel() // self.in_features > MATVEC_ROWS or torch.is_autocast_enabled('cpu')
+                or x.dtype != torch.float32 or self.weight.dtype != torch.float32
+                or self.form == 'blocked' and math.gcd(self.out_features, 8) == 1  # no equal row blocks
+                or self.form == 'packed' and torch.is_grad_enabled()):  # no autograd
             return super().forward(x)
-        return blocked_linear(x, self.weight, self.bias, blocks)
+        return FORMS[self.form](x, self.weight, self.bias)
 
 
 def median_seconds(fn, repeats=15):
@@ -58,25 +81,28 @@ def median_seconds(fn, repeats=15):
 
 
 @torch.no_grad()
-def blocked_is_faster(out_features, in_features):
-    """Whether the blocked product of one input row beats F.linear on this CPU, timed on a weight of this shape."""
-    weight, x = torch.randn(out_features, in_features), torch.randn(1, in_features)
-    blocks = math.gcd(out_features, 8)
-    return blocks > 1 and (median_seconds(lambda: blocked_linear(x, weight, None, blocks))
-                           < median_seconds(lambda: F.linear(x, weight)))
+def fastest_form(out_features, in_features):
+    """The key of FORMS to compute a weight of this shape with on this CPU, or None where F.linear is the fastest:
+    the least time for one input row and for MATVEC_ROWS rows together."""
+    weight = torch.randn(out_features, in_features)
+    inputs = [torch.randn(rows, in_features) for rows in (1, MATVEC_ROWS)]
+    usable = {'blocked': math.gcd(out_features, 8) > 1, 'packed': torch.backends.mkldnn.is_available()}
+    forms = {None: F.linear, **{name: form for name, form in FORMS.items() if usable[name]}}
+    seconds = {name: sum(median_seconds(lambda: form(x, weight, None)) for x in inputs) for name, form in forms.items()}
+    return min(seconds, key=seconds.get)
 
 
 def use_matvec(model):
-    """model with every float32 CPU nn.Linear of a shape where the blocked product is measured faster computing as
-    MatvecLinear (same parameters, same state_dict); the others stay nn.Linear."""
-    faster = {}
+    """model with every float32 CPU nn.Linear of a shape where a form of FORMS is timed faster than F.linear
+    computing as a MatvecLinear in that form (same parameters, same state_dict); the others stay nn.Linear."""
+    forms = {}
     for module in model.modules():
         if type(module) is nn.Linear and module.weight.device.type == 'cpu' and module.weight.dtype == torch.float32:
             shape = module.weight.shape
-            if shape not in faster:
-                faster[shape] = blocked_is_faster(*shape)
-            if faster[shape]:
-                module.__class__ = MatvecLinear
+            if shape not in forms:
+                forms[shape] = fastest_form(*shape)
+            if forms[shape] is not None:
+                module.__class__, module.form = MatvecLinear, forms[shape]
     return model
 
 

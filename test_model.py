@@ -316,20 +316,28 @@ def test_pythia_70m_parameter_count():
     assert m.get_num_params(non_embedding=False) == 70_426_624
 
 
-@pytest.mark.parametrize('out_features', [96, 97])  # 97: no equal row blocks, F.linear
+@pytest.mark.parametrize('form', ['blocked', 'packed'])
+@pytest.mark.parametrize('out_features', [96, 97])  # 97: no equal row blocks, F.linear when blocked
 @pytest.mark.parametrize('bias', [True, False])
 @pytest.mark.parametrize('shape', [(1, 1), (3, 1), (2, 4), (9, 1)])  # rows 1, 3, 8 (matrix-vector), 9 (not)
-def test_linear_matvec_path_equals_f_linear(shape, bias, out_features, monkeypatch):
+def test_linear_matvec_forms_equal_f_linear(shape, bias, out_features, form, monkeypatch):
     torch.manual_seed(0)
     layer = cpu_matvec.MatvecLinear(24, out_features, bias=bias)
+    layer.form = form
     x = torch.randn(*shape, 24, requires_grad=True)
     calls = []
-    bmm = torch.bmm
-    monkeypatch.setattr(torch, 'bmm', lambda *a: calls.append(1) or bmm(*a))
-    y = layer(x)
-    assert len(calls) == (shape[0] * shape[1] <= cpu_matvec.MATVEC_ROWS and out_features % 2 == 0)
+    monkeypatch.setitem(cpu_matvec.FORMS, form, lambda *a, f=cpu_matvec.FORMS[form]: calls.append(1) or f(*a))
+    matvec = shape[0] * shape[1] <= cpu_matvec.MATVEC_ROWS and (form == 'packed' or out_features % 2 == 0)
     ref = torch.nn.functional.linear(x, layer.weight, layer.bias)
-    assert y.shape == ref.shape
+    with torch.no_grad():  # packed has no autograd: a decode step's form
+        y = layer(x)
+        assert len(calls) == matvec
+        torch.testing.assert_close(y, ref.detach())
+        if form == 'packed' and matvec:  # its copy of the weight follows an in-place change
+            layer.weight.mul_(-2)
+            torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))
+    y, calls[:] = layer(x), []  # with autograd: blocked computes and differentiates, packed leaves it to F.linear
+    ref = torch.nn.functional.linear(x, layer.weight, layer.bias)
     torch.testing.assert_close(y, ref)
     g = torch.randn_like(ref)
     got = torch.autograd.grad(y, [x, *layer.parameters()], g)
@@ -338,15 +346,25 @@ def test_linear_matvec_path_equals_f_linear(shape, bias, out_features, monkeypat
         torch.testing.assert_close(a, b)
 
 
+def test_packed_form_compiles_as_an_op():
+    layer = cpu_matvec.MatvecLinear(24, 40)
+    layer.form, x = 'packed', torch.randn(2, 1, 24)
+    with torch.no_grad():
+        compiled = torch.compile(layer, fullgraph=True, backend='aot_eager')
+        torch.testing.assert_close(compiled(x), torch.nn.functional.linear(x, layer.weight, layer.bias))
+
+
 def test_use_matvec_converts_the_shapes_measured_faster(monkeypatch):
     timed = []
-    monkeypatch.setattr(cpu_matvec, 'blocked_is_faster', lambda *shape: timed.append(shape) or shape == (32, 16))
+    fastest = {(32, 16): 'blocked', (48, 16): 'packed'}
+    monkeypatch.setattr(cpu_matvec, 'fastest_form', lambda *shape: timed.append(shape) or fastest.get(shape))
     model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Linear(32, 16), torch.nn.Linear(16, 32),
-                                torch.nn.Linear(16, 32).double())
+                                torch.nn.Linear(16, 48), torch.nn.Linear(16, 32).double())
     cpu_matvec.use_matvec(model)
-    assert [type(m).__name__ for m in model] == ['MatvecLinear', 'Linear', 'MatvecLinear', 'Linear']
-    assert timed == [(32, 16), (16, 32)]  # once per float32 shape
-    assert cpu_matvec.blocked_is_faster(97, 24) is False  # no equal row blocks: never blocked
+    assert [type(m).__name__ for m in model] == ['MatvecLinear', 'Linear', 'MatvecLinear', 'MatvecLinear', 'Linear']
+    assert [getattr(m, 'form', None) for m in model] == ['blocked', None, 'blocked', 'packed', None]
+    assert timed == [(32, 16), (16, 32), (48, 16)]  # once per float32 shape
+    assert cpu_matvec.fastest_form(97, 24) in (None, 'packed')  # no equal row blocks: never blocked
 
 
 # ---------------------------------------------------------------------------------------------
