@@ -27,9 +27,10 @@
 # and the next one runs.
 # GPU_CHECK_DRY=1: the same stages at tiny sizes on the CPU, the suite excepted (test_train.py runs this).
 # GPU_CHECK_STAGES: the stages to run, comma-separated, of tests,steps,train,decode,compiled,regimes,code (default:
-# all; the summary always runs). A lent GPU has about 15 minutes, at most 10 a call, so all stages do not fit: run
-# GPU_CHECK_STAGES=steps,train (flex's backward checked before its speed; at most 8 minutes), then compiled,decode
-# (at most 11, the compiled forms first), into the same output folder; tests,regimes,code where time is left.
+# all; the summary always runs). A lent GPU has about 15 minutes, at most 10 a call, so all stages do not fit. For
+# the decode step (issue 22): GPU_CHECK_STAGES=decode (at most 5 minutes), then compiled (at most 6), each a call of
+# its own into the same output folder (together they could pass a call's 10), then steps (at most 4) where time is
+# left; for training steps,train (flex's backward checked before its speed; at most 8); tests,regimes,code last.
 # Every stage runs the interpreter in PYTHON (default: python3 on the PATH), e.g. PYTHON=.venv/bin/python.
 set -uo pipefail
 python=${PYTHON:-python3}
