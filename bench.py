@@ -62,6 +62,9 @@ budget_context = 0  # ... at this context, full vs DAR (0: the largest of decode
 prefill_repeats = 3
 prefill_max_context = 0  # 0: 4096 on CPU (prefill is quadratic: minutes a run past it there), 32768 on CUDA
 decode_processes = True  # each case and mode measured in a process of its own; False: all in this one (quick looks)
+# each case and mode measured this many times in turn (full, DAR, ..., full, DAR, ...), a row's times the medians
+# over them: a slow minute of a shared machine then falls on every case alike, not on one side of a ratio
+decode_rounds = 1
 reuse_freed = True  # CPU: cpu_matvec.reuse_freed_memory() (glibc keeps freed memory); False: as a plain loop runs
 out_dir = 'out-bench'  # the committed figures in results/ are written only when asked: --out_dir=results
 case = ''  # internal: one training case, 'regime:path', run in a child process so its peak memory is its own
@@ -86,7 +89,7 @@ for name, values in (('train_seq_lens', train_seq_lens), ('decode_contexts', dec
         raise SystemExit(f"{name} must be a list of integers >= 1, got {values}")
 for name, value in (('train_repeats', train_repeats), ('decode_steps', decode_steps),
                     ('budget_context', budget_context), ('decode_repeats', decode_repeats),
-                    ('prefill_repeats', prefill_repeats)):
+                    ('prefill_repeats', prefill_repeats), ('decode_rounds', decode_rounds)):
     if value < 1:
         raise SystemExit(f"{name} must be at least 1, got {value}")
 decode_modes = config['decode_modes'] = decode_modes or ('eager,compiled' if device.startswith('cuda') else 'eager')
@@ -424,9 +427,9 @@ def budget_batch(model):
 def measure_group(name, mode):
     """Every decode row of case name in mode: each batch, context and form, then its budget row; its progress goes
     to stderr (a child process's stdout is its result)."""
-    # one compilation per case, shape, mode and decode attention (one process may measure them all)
+    # one compilation per case, shape, mode, decode attention and round (one process may measure them all)
     torch._dynamo.config.recompile_limit = len(DECODE_CASES) * len(decode_contexts) * (len(decode_batches) + 1) * len(
-        MODES) * len(ATTNS) + 8
+        MODES) * len(ATTNS) * decode_rounds + 8
     model, matvec = build(*DECODE_CASES[name]).eval(), {}
     if device == 'cpu':  # faster CPU decode steps, the same math; not in training, whose peak RSS it would hide
         if reuse_freed:
@@ -466,15 +469,34 @@ def group_rows(name, mode):
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
+def median_rounds(rows):
+    """One row per case, mode, form and point of the rows of every round: the first round's, its times the medians
+    over the rounds (ms_per_step_rounds: each round's)."""
+    rounds = {}
+    for r in rows:
+        rounds.setdefault(tuple(r[k] for k in ('batch', 'context', 'case', 'mode', 'attn', 'budget')), []).append(r)
+    for same in rounds.values():
+        row = dict(same[0], ms_per_step_rounds=[r['ms_per_step'] for r in same])
+        row['ms_per_step'] = statistics.median(row['ms_per_step_rounds'])
+        row['decode_tok_s'] = row['batch'] * 1e3 / row['ms_per_step']
+        if row['prefill_tok_s'] is not None:
+            row['prefill_tok_s'] = statistics.median(r['prefill_tok_s'] for r in same)
+        yield row
+
+
+def spread(values):
+    return f" ({min(values):.1f}-{max(values):.1f})" if len(values) > 1 else ''
+
+
 def bench_decode():
     bandwidth = read_bandwidth()
-    groups = [group_rows(name, mode) for name in DECODE_CASES for mode in MODES]
-    matvec, failed = groups[0]['matvec'], [f for g in groups for f in g['failed']]
+    groups = [group_rows(name, mode) for _ in range(decode_rounds) for name in DECODE_CASES for mode in MODES]
+    matvec, failed = groups[0]['matvec'], list(dict.fromkeys(f for g in groups for f in g['failed']))
     if device == 'cpu':
         print(f"matrix-vector products not F.linear's (cpu_matvec, timed faster here): {matvec or 'none'}")
     order = lambda r: (r['budget'], r['batch'], r['context'], list(DECODE_CASES).index(r['case']),
                        ATTNS.index(r['attn']), MODES.index(r['mode']))
-    measured = sorted((r for g in groups for r in g['rows']), key=order)
+    measured = sorted(median_rounds(r for g in groups for r in g['rows']), key=order)
     with torch.device('meta'):  # shapes only: the bytes a step reads
         models = {name: GPT(GPTConfig.from_preset(preset, dar_window=w, dar_rank=r)).to(getattr(torch, dtype))
                   for name, (w, r) in DECODE_CASES.items()}
@@ -501,7 +523,8 @@ def bench_decode():
         r['decode_vs_full'] = r['decode_tok_s'] / max(f['decode_tok_s'] for f in budget_rows if f['case'] == 'full')
 
     print(f"\nDecode, {preset} (random weights), W={dar_window}, r={dar_rank}, {dtype}, {machine()}; read bandwidth "
-          f"{bandwidth / 1e9:.1f} GB/s; median of {decode_repeats} x {decode_steps} steps, prefill (batch 1) median of "
+          f"{bandwidth / 1e9:.1f} GB/s; median of {decode_repeats} x {decode_steps} steps (then of {decode_rounds} "
+          f"rounds, their range in brackets), prefill (batch 1) median of "
           f"{prefill_repeats}, up to {prefill_max_context} tokens; x full: against full attention's best mode and "
           f"attention; x reference: against the reference attention in the same mode; ops: dispatched by an eager step "
           f"(CPU), kernels: launched (CUDA, profiler); error: a step's logits against the eager reference step's")
@@ -514,7 +537,8 @@ def bench_decode():
             if r['batch'] != batch:
                 continue
             print(f"| {r['context']} | {r['case']} | {r['mode']} | {r['attn']} | {show(r['prefill_tok_s'], '.0f')} | "
-                  f"{r['ms_per_step']:.2f} | {r['decode_tok_s']:.1f} | {r['decode_vs_full']:.2f} | "
+                  f"{r['ms_per_step']:.2f}{spread(r['ms_per_step_rounds'])} | {r['decode_tok_s']:.1f} | "
+                  f"{r['decode_vs_full']:.2f} | "
                   f"{show(r['vs_eager'], '.2f')} | {show(r['vs_reference'], '.2f')} | {r['bytes_ceiling']:.2f} | "
                   f"{r['of_ceiling']:.0%} | {show(r['ops_per_step'], 'd')} | {show(r['device_busy_ms'], '.3f')} | "
                   f"{r['kv_bytes'] / 2**20:.1f} | {r['achieved_bw'] / 1e9:.1f} GB/s ({r['bw_fraction']:.0%}) | "
@@ -531,7 +555,8 @@ def bench_decode():
         print('\nFailed:', f)
     print('wrote', save('decode', dict(machine=machine(), preset=preset, dtype=dtype, dar_window=dar_window,
                                        dar_rank=dar_rank, read_bandwidth=bandwidth, decode_steps=decode_steps,
-                                       decode_repeats=decode_repeats, decode_modes=MODES, decode_attns=ATTNS,
+                                       decode_repeats=decode_repeats, decode_rounds=decode_rounds,
+                                       decode_modes=MODES, decode_attns=ATTNS,
                                        reuse_freed=reuse_freed, matvec_forms=matvec,
                                        kv_budget_gib=kv_budget_gib,
                                        budget_context=budget_context, rows=rows, budget_rows=budget_rows,

@@ -732,12 +732,13 @@ def test_bench_times_eager_and_compiled_decode_side_by_side(tmp_path, aot_eager_
     run('bench.py', '--section=decode', '--device=cpu', '--preset=tiny', '--dar_window=16', '--dar_rank=8',
         '--decode_contexts=[24]', '--decode_steps=2', '--decode_repeats=1', '--prefill_repeats=1',
         '--decode_batches=[2]', '--kv_budget_gib=0', '--decode_modes=eager,compiled', '--decode_cases=full,DAR',
-        '--decode_attns=reference,reduce', '--decode_processes=False', cwd=tmp_path)
+        '--decode_attns=reference,reduce', '--decode_processes=False', '--decode_rounds=3', cwd=tmp_path)
     decode = json.loads((tmp_path / 'out-bench' / 'decode_cpu.json').read_text())
     every = {(c, m, a) for c in ('full', 'DAR') for m in ('eager', 'compiled') for a in ('reference', 'reduce')}
-    assert {(r['case'], r['mode'], r['attn']) for r in decode['rows']} == every
+    assert sorted((r['case'], r['mode'], r['attn']) for r in decode['rows']) == sorted(every)  # one row each
     for r in decode['rows']:
         eager = r['mode'] == 'eager'
+        assert len(r['ms_per_step_rounds']) == 3 and r['ms_per_step'] == sorted(r['ms_per_step_rounds'])[1]
         assert r['ms_per_step'] > 0 and (r['ops_per_step'] is not None) == eager and r['vs_eager'] > 0
         assert r['vs_reference'] > 0 and r['logit_error'] < 1e-5  # each form and mode against the eager reference
     # x full is against full attention's fastest mode and form, so full's others are below 1
@@ -793,6 +794,7 @@ def test_bench_records_a_failed_training_case_and_goes_on(tmp_path):
     (['--device=cpu', '--train_paths=fused,flex'], 'train_paths: flex trains on CUDA only (FlexAttention has no '
      'backward on the CPU); leave it out of --train_paths on the CPU'),
     (['--train_case_timeout=0'], 'train_case_timeout must be a positive number of seconds, got 0'),
+    (['--decode_rounds=0'], 'decode_rounds must be at least 1, got 0'),
 ])
 def test_bench_bad_settings_are_named(args, message, tmp_path):
     proc = run('bench.py', *args, cwd=tmp_path, check=False)
