@@ -25,7 +25,7 @@ import torch
 
 from configurator import check_device, configure
 from cpu_matvec import MatvecLinear, reuse_freed_memory, use_matvec
-from gpu_check import OpCounter, mib, show, train_table
+from gpu_check import OpCounter, mib, show, targets_table, train_table
 from model import ATTN_IMPLS, GPT, REGIMES, GPTConfig, regime_settings, resolve_attn_impl
 from sampling import compile_step
 from split_decode import DECODE_ATTNS, use_decode_attn
@@ -469,6 +469,35 @@ def group_rows(name, mode):
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
+# Issue 22's decode targets at 32k context, each a lower bound on the best row of a run that matches (no row: not
+# measured in that run): (what, at least, rows ('decode' or 'budget'), the rows' figure, the rows it reads).
+# On CUDA the speed; on a CPU that the compiled step keeps eager's pace and DAR's eager step the bytes ceiling.
+DECODE_TARGETS = {
+    'cuda': [("DAR decode tok/s, batch 8", 15000, 'decode', 'decode_tok_s', dict(case='DAR', batch=8)),
+             ("DAR over full's best, batch 8", 2.5, 'decode', 'decode_vs_full', dict(case='DAR', batch=8)),
+             ("DAR decode tok/s, batch 1", 2000, 'decode', 'decode_tok_s', dict(case='DAR', batch=1)),
+             ("DAR over full's best, batch 1", 1.8, 'decode', 'decode_vs_full', dict(case='DAR', batch=1)),
+             ("DAR over full in the KV budget", 3.0, 'budget', 'decode_vs_full', dict(case='DAR')),
+             ("prefill tok/s, batch 1, full", 500000, 'decode', 'prefill_tok_s', dict(case='full', batch=1)),
+             ("prefill tok/s, batch 1, DAR", 500000, 'decode', 'prefill_tok_s', dict(case='DAR', batch=1))],
+    'cpu': [(f"{case} compiled over eager, batch {batch}", 1.0, 'decode', 'vs_eager',
+             dict(case=case, batch=batch, mode='compiled', attn='reference')) for case in ('full', 'DAR')
+            for batch in (1, 8)] + [
+            (f"DAR eager, of the bytes ceiling, batch {batch}", 0.95, 'decode', 'of_ceiling',
+             dict(case='DAR', batch=batch, mode='eager', attn='reference')) for batch in (1, 8)]}
+
+
+def decode_targets(rows, budget_rows):
+    """[{target, at_least, measured, met}] of DECODE_TARGETS for this device in these rows (None: not measured)."""
+    results = []
+    for what, bound, kind, figure, match in DECODE_TARGETS['cuda' if device.startswith('cuda') else 'cpu']:
+        values = [r[figure] for r in (rows if kind == 'decode' else budget_rows) if r['context'] == 32768
+                  and r[figure] is not None and all(r[k] == v for k, v in match.items())]
+        best = max(values, default=None)
+        results.append(dict(target=what, at_least=bound, measured=best, met=None if best is None else best >= bound))
+    return results
+
+
 def median_rounds(rows):
     """One row per case, mode, form and point of the rows of every round: the first round's, its times the medians
     over the rounds (ms_per_step_rounds: each round's)."""
@@ -551,6 +580,8 @@ def bench_decode():
         print(f"| {r['case']} | {r['mode']} | {r['attn']} | {r['batch']} | {r['kv_bytes'] / 2**20:.0f} | "
               f"{r['decode_tok_s']:.1f} | {r['decode_vs_full']:.2f} | {r['bw_fraction']:.0%} | "
               f"{r['logit_error']:.1e} |")
+    targets = decode_targets(rows, budget_rows)
+    print('', *targets_table(targets), sep='\n')
     for f in failed:
         print('\nFailed:', f)
     print('wrote', save('decode', dict(machine=machine(), preset=preset, dtype=dtype, dar_window=dar_window,
@@ -560,7 +591,7 @@ def bench_decode():
                                        reuse_freed=reuse_freed, matvec_forms=matvec,
                                        kv_budget_gib=kv_budget_gib,
                                        budget_context=budget_context, rows=rows, budget_rows=budget_rows,
-                                       failed=failed)))
+                                       targets=targets, failed=failed)))
     plot_decode([r for r in rows if r['batch'] == decode_batches[0] and (r['attn'], r['mode']) == (ATTNS[0], MODES[0])],
                 decode_batches[0])
 

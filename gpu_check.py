@@ -114,6 +114,14 @@ def train_table(bench):
     return lines + [f"| {T} | " + ' | '.join(picks.values()) + ' |' for T, picks in bench['auto'].items()]
 
 
+def targets_table(targets):
+    """Markdown lines of bench.py's reading of issue 22's decode targets (its JSON's targets)."""
+    return ["Issue 22's targets at context 32768 (the best matching row; -: not measured in this run):", '',
+            '| target | at least | measured | met |', '|---|---|---|---|'] + [
+        f"| {t['target']} | {t['at_least']:,} | {show(t['measured'], ',.2f')} | "
+        f"{'-' if t['met'] is None else 'yes' if t['met'] else 'no'} |" for t in targets]
+
+
 def failed(row, error):
     """A first GPU run: what broke is noted in its row, and the rest still runs."""
     print(f"FAILED {row}: {type(error).__name__}: {error}", flush=True)
@@ -291,6 +299,8 @@ def report(out):
         lines += [f"| budget {bench['kv_budget_gib']} GiB: {r['batch']} | {bench['budget_context']} | {r['case']} | "
                   f"{mode_label(r)} | - | - | {r['decode_tok_s']:,.0f} | {r['decode_vs_full']:.2f} | | | | "
                   f"{r['kv_bytes'] / 2**20:.0f} | {show(r.get('logit_error'), '.1e')} |" for r in bench['budget_rows']]
+        if bench.get('targets'):
+            lines += ['', f"In {name}:", *targets_table(bench['targets'])]
         lines += [f"\nFailed: {f}" for f in bench.get('failed', [])]
     for name, title in (('train_results.json', 'The four regimes on the plays, trained briefly'),
                         ('code_results.json', 'The regimes on the Python standard library (long-range loss: tokens '

@@ -762,6 +762,21 @@ def test_bench_measures_the_flex_decode_eagerly_and_notes_a_failing_form(tmp_pat
     assert len(decode['failed']) == 4 and all('eager reduce: ZeroDivisionError' in f for f in decode['failed'])
 
 
+def test_bench_reads_issue_22s_targets_from_its_rows(tmp_path):
+    import json
+    proc = run('bench.py', '--section=decode', '--device=cpu', '--preset=tiny', '--dar_window=16', '--dar_rank=8',
+               '--decode_contexts=[32768]', '--decode_steps=1', '--decode_repeats=1', '--decode_batches=[1]',
+               '--kv_budget_gib=0', '--decode_cases=full,DAR', '--decode_processes=False', cwd=tmp_path)
+    decode = json.loads((tmp_path / 'out-bench' / 'decode_cpu.json').read_text())
+    targets = {t['target']: t for t in decode['targets']}
+    dar = next(r for r in decode['rows'] if r['case'] == 'DAR')
+    measured = targets['DAR eager, of the bytes ceiling, batch 1']
+    assert measured['measured'] == dar['of_ceiling'] and measured['met'] == (dar['of_ceiling'] >= 0.95)
+    unmeasured = [t for t in decode['targets'] if t is not measured]  # batch 8 and compiled steps: not in this run
+    assert len(unmeasured) == 5 and all(t['measured'] is None and t['met'] is None for t in unmeasured)
+    assert f"| DAR eager, of the bytes ceiling, batch 1 | 0.95 | {dar['of_ceiling']:,.2f} |" in proc.stdout
+
+
 def test_bench_records_a_failed_training_case_and_goes_on(tmp_path):
     import json
     proc = run('bench.py', '--section=train', '--device=cpu', '--preset=tiny', '--dar_window=16', '--dar_rank=8',
