@@ -88,7 +88,12 @@ def fastest_form(out_features, in_features):
     inputs = [torch.randn(rows, in_features) for rows in (1, MATVEC_ROWS)]
     usable = {'blocked': math.gcd(out_features, 8) > 1, 'packed': torch.backends.mkldnn.is_available()}
     forms = {None: F.linear, **{name: form for name, form in FORMS.items() if usable[name]}}
-    seconds = {name: sum(median_seconds(lambda: form(x, weight, None)) for x in inputs) for name, form in forms.items()}
+    seconds = {}
+    for name, form in forms.items():
+        try:
+            seconds[name] = sum(median_seconds(lambda: form(x, weight, None)) for x in inputs)
+        except RuntimeError:  # a form this build cannot run on this CPU (oneDNN's packing): not a candidate
+            pass
     return min(seconds, key=seconds.get)
 
 

@@ -367,6 +367,13 @@ def test_use_matvec_converts_the_shapes_measured_faster(monkeypatch):
     assert cpu_matvec.fastest_form(97, 24) in (None, 'packed')  # no equal row blocks: never blocked
 
 
+def test_a_form_that_cannot_run_here_is_never_picked(monkeypatch):
+    def unsupported(*args):
+        raise RuntimeError("oneDNN: no packed layout on this CPU")
+    monkeypatch.setitem(cpu_matvec.FORMS, 'packed', unsupported)
+    assert cpu_matvec.fastest_form(97, 24) is None  # F.linear: blocked needs equal row blocks, packed raised
+
+
 # ---------------------------------------------------------------------------------------------
 # KV cache
 
