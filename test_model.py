@@ -346,6 +346,26 @@ def test_linear_matvec_forms_equal_f_linear(shape, bias, out_features, form, mon
         torch.testing.assert_close(a, b)
 
 
+def test_decode_steps_with_every_weight_packed_equal_f_linears(monkeypatch):
+    m = make_model('dar').eval()
+    prompt = torch.randint(0, 97, (2, W + 2), generator=torch.Generator().manual_seed(5))
+
+    def decode_logits():  # the prompt (many rows: F.linear), then steps of 2 rows (the matvec forms)
+        cache, logits = m.new_cache(2, W + 8), []
+        m(prompt, cache=cache)
+        for token in prompt[:, :4].T:
+            logits.append(m(token[:, None], cache=cache)[0])
+        return torch.cat(logits)
+
+    with torch.no_grad():
+        want = decode_logits()
+        monkeypatch.setattr(cpu_matvec, 'fastest_form', lambda *shape: 'packed')
+        cpu_matvec.use_matvec(m)
+        assert {type(l).__name__ for l in m.modules() if isinstance(l, torch.nn.Linear)} == {'MatvecLinear'}
+        torch.testing.assert_close(decode_logits(), want)
+        assert all(l.weight in cpu_matvec.PACKED for l in m.modules() if isinstance(l, torch.nn.Linear))  # it ran
+
+
 def test_packed_form_compiles_as_an_op():
     layer = cpu_matvec.MatvecLinear(24, 40)
     layer.form, x = 'packed', torch.randn(2, 1, 24)
