@@ -514,7 +514,7 @@ def median_rounds(rows):
 
 
 def spread(values):
-    return f" ({min(values):.1f}-{max(values):.1f})" if len(values) > 1 else ''
+    return f" ({min(values):.2f}-{max(values):.2f})" if len(values) > 1 else ''
 
 
 def bench_decode():
@@ -552,8 +552,9 @@ def bench_decode():
         r['decode_vs_full'] = r['decode_tok_s'] / max(f['decode_tok_s'] for f in budget_rows if f['case'] == 'full')
 
     print(f"\nDecode, {preset} (random weights), W={dar_window}, r={dar_rank}, {dtype}, {machine()}; read bandwidth "
-          f"{bandwidth / 1e9:.1f} GB/s; median of {decode_repeats} x {decode_steps} steps (then of {decode_rounds} "
-          f"rounds, their range in brackets), prefill (batch 1) median of "
+          f"{bandwidth / 1e9:.1f} GB/s; median of {decode_repeats} x {decode_steps} steps"
+          f"{f' (then of {decode_rounds} rounds in turn, their range in parentheses)' * (decode_rounds > 1)}, "
+          f"prefill (batch 1) median of "
           f"{prefill_repeats}, up to {prefill_max_context} tokens; x full: against full attention's best mode and "
           f"attention; x reference: against the reference attention in the same mode; ops: dispatched by an eager step "
           f"(CPU), kernels: launched (CUDA, profiler); error: a step's logits against the eager reference step's")
