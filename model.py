@@ -481,7 +481,7 @@ class KVCache:
             pos, past = self.pos, f"a static cache step past its max_seq_len {self.max_seq_len}: make a larger cache"
             torch._assert_async(pos[0] < self.max_seq_len, past)  # checked on the device, raised at a sync
             wrap = lambda n: pos % n if n else pos[:0]  # slots in bounds even past the end: the assert reports it
-            mask = torch.zeros(len(self.read_after), device=self.device).masked_fill(self.read_after >= pos, -math.inf)
+            mask = torch.where(self.read_after >= pos, -math.inf, 0.0)  # (slots,): -inf where not read yet
             self.step = CacheStep(pos, 1, wrap(S), None, wrap(n_latents), S, n_latents, mask)
             return pos
         slots = lambda lo, hi: torch.arange(lo, hi, device=self.device) % max(S, 1)
