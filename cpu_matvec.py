@@ -29,9 +29,14 @@ from torch.utils.weak import WeakIdKeyDictionary
 MATVEC_ROWS = 8  # inputs of up to this many rows (the tokens of a decode step) take a MatvecLinear's form
 
 
+def row_blocks(out_features):
+    """How many equal row blocks `blocked` splits a weight into (1: none, so it stays F.linear)."""
+    return math.gcd(out_features, 8)
+
+
 def blocked_linear(x, weight, bias):
     """F.linear(x, weight, bias) for x of few rows, as one batched product over row blocks of the weight."""
-    rows, (out_features, in_features), blocks = x.numel() // x.shape[-1], weight.shape, math.gcd(weight.shape[0], 8)
+    rows, (out_features, in_features), blocks = x.numel() // x.shape[-1], weight.shape, row_blocks(weight.shape[0])
     weight = weight.view(blocks, out_features // blocks, in_features)
     y = torch.bmm(weight, x.reshape(rows, in_features).T.expand(blocks, -1, -1))  # (blocks, out/blocks, rows)
     y = y.view(out_features, rows).T  # (rows, out_features)
@@ -64,7 +69,7 @@ class MatvecLinear(nn.Linear):
     def forward(self, x):
         if (x.device.type != 'cpu' or x.numel() // self.in_features > MATVEC_ROWS or torch.is_autocast_enabled('cpu')
                 or x.dtype != torch.float32 or self.weight.dtype != torch.float32
-                or self.form == 'blocked' and math.gcd(self.out_features, 8) == 1  # no equal row blocks
+                or self.form == 'blocked' and row_blocks(self.out_features) == 1
                 or self.form == 'packed' and torch.is_grad_enabled()):  # no autograd
             return super().forward(x)
         return FORMS[self.form](x, self.weight, self.bias)
@@ -86,7 +91,7 @@ def fastest_form(out_features, in_features):
     the least time for one input row and for MATVEC_ROWS rows together."""
     weight = torch.randn(out_features, in_features)
     inputs = [torch.randn(rows, in_features) for rows in (1, MATVEC_ROWS)]
-    usable = {'blocked': math.gcd(out_features, 8) > 1, 'packed': torch.backends.mkldnn.is_available()}
+    usable = {'blocked': row_blocks(out_features) > 1, 'packed': torch.backends.mkldnn.is_available()}
     forms = {None: F.linear, **{name: form for name, form in FORMS.items() if usable[name]}}
     seconds = {}
     for name, form in forms.items():
