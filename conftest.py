@@ -16,6 +16,24 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 IN_PROCESS = ('train.py', 'evaluate.py', 'sample.py', 'bench.py', 'compare.py')
 if os.environ.get('PYTEST_XDIST_WORKER'):  # pytest -n 2: one thread per worker, as many as there are cores
     torch.set_num_threads(1)
+# The longest tests (pytest --durations=10), run first: under -n, one started last would run alone at the end
+LONGEST = ('test_gpu_check_dry_run', 'test_bench_runs_and_writes_results', 'test_compare_smoke',
+           'test_bench_times_eager_and_compiled_decode_side_by_side', 'test_compare_retrofit',
+           'test_compare_sweep_never_reuses_other_settings', 'test_gpu_check_runs_the_stages_asked_for',
+           'test_ddp_matches_single_process')
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST)}
+    items.sort(key=lambda item: rank.get(item.originalname, len(LONGEST)))  # stable: the rest keep their order
+
+
+@pytest.hookimpl(optionalhook=True)  # an xdist hook: without xdist, nothing to schedule
+def pytest_xdist_make_scheduler(config, log):
+    """Under -n: a worker that runs out of tests takes pending ones from a busy worker's queue (xdist's default hands
+    each worker a fixed block, so the long tests, all first, would queue on one worker)."""
+    from xdist.scheduler import WorkStealingScheduling
+    return WorkStealingScheduling(config, log)
 
 
 def run_in_process(script, args, cwd):
