@@ -24,7 +24,7 @@ import time
 import torch
 
 from configurator import check_device, configure
-from cpu_matvec import MatvecLinear, reuse_freed_memory, use_matvec
+from cpu_matvec import matvec_forms, reuse_freed_memory, use_matvec
 from gpu_check import OpCounter, mib, show, targets_table, train_table
 from model import ATTN_IMPLS, GPT, REGIMES, GPTConfig, regime_settings, resolve_attn_impl
 from sampling import compile_step
@@ -71,6 +71,7 @@ case = ''  # internal: one training case, 'regime:path', run in a child process 
 seq_len = 0  # internal, with case
 measure = 'time'  # internal, with case: 'time', 'memory' or both ('time,memory')
 decode_group = ''  # internal: one decode case in one mode, 'case:mode', measured in a child process of its own
+decode_matvec = ''  # internal, with decode_group: the weights' forms, 'shape:form,...' (-: F.linear; weight_forms)
 
 config = {k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, str, list))}
 configure(config, sys.argv[1:])
@@ -423,19 +424,34 @@ def budget_batch(model):
     return batch
 
 
+def weight_forms():
+    """On a CPU, cpu_matvec's form for each weight shape of the decode cases (the same in every regime), timed once
+    in the parent: every case then computes its weights alike, and a ratio of two cases compares their attention,
+    not two timings of one weight (a close call between forms can fall either way in two processes)."""
+    return matvec_forms(build(*DECODE_CASES['full'])) if device == 'cpu' else {}
+
+
+def forms_arg(forms):  # weight_forms() as decode_matvec, and back
+    return ','.join(f"{'x'.join(map(str, shape))}:{form or '-'}" for shape, form in forms.items())
+
+
+def forms_from_arg(text):
+    return {tuple(map(int, shape.split('x'))): None if form == '-' else form
+            for shape, form in (item.split(':') for item in text.split(',') if item)}
+
+
 @torch.no_grad()
-def measure_group(name, mode):
-    """Every decode row of case name in mode: each batch, context and form, then its budget row; its progress goes
-    to stderr (a child process's stdout is its result)."""
+def measure_group(name, mode, forms):
+    """Every decode row of case name in mode, its weights in forms (weight_forms): each batch, context and form, then
+    its budget row; its progress goes to stderr (a child process's stdout is its result)."""
     # one compilation per case, shape, mode, decode attention and round (one process may measure them all)
     torch._dynamo.config.recompile_limit = len(DECODE_CASES) * len(decode_contexts) * (len(decode_batches) + 1) * len(
         MODES) * len(ATTNS) * decode_rounds + 8
-    model, matvec = build(*DECODE_CASES[name]).eval(), {}
+    model = build(*DECODE_CASES[name]).eval()
     if device == 'cpu':  # faster CPU decode steps, the same math; not in training, whose peak RSS it would hide
         if reuse_freed:
             reuse_freed_memory()
-        use_matvec(model)
-        matvec = {'x'.join(map(str, m.weight.shape)): m.form for m in model.modules() if isinstance(m, MatvecLinear)}
+        use_matvec(model, forms)
     points = [(batch, ctx, False) for batch in decode_batches for ctx in decode_contexts]
     if kv_budget_gib and name in ('full', 'DAR'):
         points.append((budget_batch(model), budget_context, True))
@@ -453,16 +469,17 @@ def measure_group(name, mode):
         print(f"  {label:38s} {mode:10s} {attn:9s} prefill {show(prefill_tok_s, '.0f'):>7} tok/s  decode "
               f"{rows[-1]['decode_tok_s']:8.1f} tok/s ({rows[-1]['ms_per_step']:.2f} ms/step)  error {error:.1e}",
               file=sys.stderr, flush=True)
-    return dict(rows=rows, failed=failed, matvec=matvec)
+    return dict(rows=rows, failed=failed)
 
 
-def group_rows(name, mode):
-    """measure_group(name, mode), in a process of its own unless decode_processes is off: a step's speed is its own
-    there (in one process, an eager step measured after another case's compiled one ran 1.3x slower on a CPU)."""
+def group_rows(name, mode, forms):
+    """measure_group(name, mode, forms), in a process of its own unless decode_processes is off: a step's speed is
+    its own there (in one process, an eager step measured after another case's compiled one ran 1.3x slower on a
+    CPU)."""
     if not decode_processes:
-        return measure_group(name, mode)
-    cmd = [sys.executable, __file__, f'--decode_group={name}:{mode}'] + \
-          [a for a in sys.argv[1:] if not a.startswith(('--section', '--decode_group'))]
+        return measure_group(name, mode, forms)
+    cmd = [sys.executable, __file__, f'--decode_group={name}:{mode}', f'--decode_matvec={forms_arg(forms)}'] + \
+          [a for a in sys.argv[1:] if not a.startswith(('--section', '--decode_group', '--decode_matvec'))]
     res = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)  # stderr, the progress, passes through
     if res.returncode:
         raise SystemExit(f"decode case {name} in mode {mode} failed (exit {res.returncode}): its error is above")
@@ -519,10 +536,13 @@ def spread(values):
 
 def bench_decode():
     bandwidth = read_bandwidth()
-    groups = [group_rows(name, mode) for _ in range(decode_rounds) for name in DECODE_CASES for mode in MODES]
-    matvec, failed = groups[0]['matvec'], list(dict.fromkeys(f for g in groups for f in g['failed']))
+    forms = weight_forms()
+    groups = [group_rows(name, mode, forms) for _ in range(decode_rounds) for name in DECODE_CASES for mode in MODES]
+    matvec = {'x'.join(map(str, shape)): form for shape, form in forms.items() if form}
+    failed = list(dict.fromkeys(f for g in groups for f in g['failed']))
     if device == 'cpu':
-        print(f"matrix-vector products not F.linear's (cpu_matvec, timed faster here): {matvec or 'none'}")
+        print(f"matrix-vector products not F.linear's (cpu_matvec, timed faster here, for every case): "
+              f"{matvec or 'none'}")
     order = lambda r: (r['budget'], r['batch'], r['context'], list(DECODE_CASES).index(r['case']),
                        ATTNS.index(r['attn']), MODES.index(r['mode']))
     measured = sorted(median_rounds(r for g in groups for r in g['rows']), key=order)
@@ -625,7 +645,7 @@ if __name__ == '__main__':
     if case:
         run_train_case()
     elif decode_group:
-        print(json.dumps(measure_group(*decode_group.split(':'))))
+        print(json.dumps(measure_group(*decode_group.split(':'), forms_from_arg(decode_matvec))))
     else:
         if section in ('train', 'all'):
             bench_train()

@@ -102,17 +102,31 @@ def fastest_form(out_features, in_features):
     return min(seconds, key=seconds.get)
 
 
-def use_matvec(model):
-    """model with every float32 CPU nn.Linear of a shape where a form of FORMS is timed faster than F.linear
-    computing as a MatvecLinear in that form (same parameters, same state_dict); the others stay nn.Linear."""
-    forms = {}
-    for module in model.modules():
-        if type(module) is nn.Linear and module.weight.device.type == 'cpu' and module.weight.dtype == torch.float32:
-            shape = module.weight.shape
-            if shape not in forms:
-                forms[shape] = fastest_form(*shape)
-            if forms[shape] is not None:
-                module.__class__, module.form = MatvecLinear, forms[shape]
+def float32_cpu_linears(model):
+    return [m for m in model.modules()
+            if type(m) is nn.Linear and m.weight.device.type == 'cpu' and m.weight.dtype == torch.float32]
+
+
+def matvec_forms(model, forms=None):
+    """{weight shape: key of FORMS, or None for F.linear} for every float32 CPU nn.Linear of model: the shapes in
+    forms as given there, the others timed here (fastest_form), once each."""
+    forms = dict(forms or {})
+    if not set(forms.values()) <= {None, *FORMS}:
+        raise ValueError(f"matvec forms are None (F.linear) or one of {', '.join(FORMS)}, got {forms}")
+    for shape in dict.fromkeys(tuple(m.weight.shape) for m in float32_cpu_linears(model)):
+        if shape not in forms:
+            forms[shape] = fastest_form(*shape)
+    return forms
+
+
+def use_matvec(model, forms=None):
+    """model with every float32 CPU nn.Linear of a shape where a form of FORMS is faster than F.linear (matvec_forms:
+    timed, or as in forms, decided before: bench.py decides once for the models it compares) computing as a
+    MatvecLinear in that form (same parameters, same state_dict); the others stay nn.Linear."""
+    forms = matvec_forms(model, forms)
+    for module in float32_cpu_linears(model):
+        if forms[tuple(module.weight.shape)] is not None:
+            module.__class__, module.form = MatvecLinear, forms[tuple(module.weight.shape)]
     return model
 
 

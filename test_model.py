@@ -387,6 +387,18 @@ def test_use_matvec_converts_the_shapes_measured_faster(monkeypatch):
     assert cpu_matvec.fastest_form(97, 24) in (None, 'packed')  # no equal row blocks: never blocked
 
 
+def test_use_matvec_takes_forms_decided_before_and_times_only_the_rest(monkeypatch):
+    timed = []
+    monkeypatch.setattr(cpu_matvec, 'fastest_form', lambda *shape: timed.append(shape) or 'blocked')
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Linear(32, 16), torch.nn.Linear(16, 48))
+    forms = cpu_matvec.matvec_forms(model, {(32, 16): None, (16, 32): 'packed'})  # as bench.py hands them down
+    assert forms == {(32, 16): None, (16, 32): 'packed', (48, 16): 'blocked'} and timed == [(48, 16)]
+    cpu_matvec.use_matvec(model, forms)
+    assert [getattr(m, 'form', None) for m in model] == [None, 'packed', 'blocked'] and timed == [(48, 16)]
+    with pytest.raises(ValueError, match="None .F.linear. or one of blocked, packed, got"):
+        cpu_matvec.use_matvec(model, {(32, 16): 'F.linear'})
+
+
 def test_a_form_that_cannot_run_here_is_never_picked(monkeypatch):
     def unsupported(*args):
         raise RuntimeError("oneDNN: no packed layout on this CPU")
