@@ -48,10 +48,9 @@ def blocked_linear(x, weight, bias):
 PACKED = WeakIdKeyDictionary()  # weight -> (its version when packed, oneDNN's copy): freed with the weight
 
 
-@torch.library.custom_op('dar::packed_linear', mutates_args=())
-def packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+def packed_product(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     """F.linear(x, weight, bias) through oneDNN, the weight in its layout for MATVEC_ROWS rows: a copy made at the
-    first call and again after the weight changes in place. No autograd. As an op, a compiled step calls it too."""
+    first call and again after the weight changes in place. No autograd."""
     version, packed = PACKED.get(weight, (None, None))
     if version != weight._version:
         packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), MATVEC_ROWS)
@@ -59,7 +58,16 @@ def packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, 'none', [None], '')
 
 
-packed_linear.register_fake(lambda x, weight, bias: x.new_empty(*x.shape[:-1], weight.shape[0]))
+packed_op = torch.library.custom_op('dar::packed_linear', packed_product, mutates_args=())
+packed_op.register_fake(lambda x, weight, bias: x.new_empty(*x.shape[:-1], weight.shape[0]))
+
+
+def packed_linear(x, weight, bias):
+    """packed_product: compiling, as an op (a compiled step calls it, inductor does not see into it); eagerly, called
+    directly, since a custom op's Python dispatch costs more than the product of a small weight for one row."""
+    return packed_op(x, weight, bias) if torch.compiler.is_compiling() else packed_product(x, weight, bias)
+
+
 FORMS = {'blocked': blocked_linear, 'packed': packed_linear}
 
 

@@ -366,12 +366,17 @@ def test_decode_steps_with_every_weight_packed_equal_f_linears(monkeypatch):
         assert all(l.weight in cpu_matvec.PACKED for l in m.modules() if isinstance(l, torch.nn.Linear))  # it ran
 
 
-def test_packed_form_compiles_as_an_op():
+def test_packed_form_is_an_op_where_compiled_and_a_plain_call_eagerly(monkeypatch):
     layer = cpu_matvec.MatvecLinear(24, 40)
     layer.form, x = 'packed', torch.randn(2, 1, 24)
+    want, graphs = torch.nn.functional.linear(x, layer.weight, layer.bias), []
+    monkeypatch.setattr(cpu_matvec, 'packed_op', lambda *args: 1 / 0)
     with torch.no_grad():
-        compiled = torch.compile(layer, fullgraph=True, backend='aot_eager')
-        torch.testing.assert_close(compiled(x), torch.nn.functional.linear(x, layer.weight, layer.bias))
+        torch.testing.assert_close(layer(x), want)  # eagerly: oneDNN's product without the op's Python dispatch
+        monkeypatch.undo()
+        compiled = torch.compile(layer, fullgraph=True, backend=lambda gm, _: graphs.append(str(gm.graph)) or gm)
+        torch.testing.assert_close(compiled(x), want)
+    assert 'dar.packed_linear' in graphs[0]  # compiling: the op, which inductor does not see into
 
 
 def test_use_matvec_converts_the_shapes_measured_faster(monkeypatch):
