@@ -2,7 +2,7 @@
 heads, window and each regime's code path) on a model 8 dims a head wide, with a 512-token vocabulary, at a short
 context, so that every tensor stays in the CPU's caches and the step is the dispatch of its ops. Per regime, the
 median ms a step over rounds that take the regimes in turn, and the ops a step dispatches (gpu_check.OpCounter).
---matvec=packed computes every nn.Linear as cpu_matvec's packed op (bench.py's pick for every weight on some CPUs).
+--matvec=packed computes every nn.Linear in cpu_matvec's packed form (bench.py's pick for every weight on some CPUs).
 
     python dev/step_dispatch.py [--matvec=none] [--context=300] [--rounds=7]
 """
