@@ -133,8 +133,8 @@ def use_matvec(model, forms=None):
     MatvecLinear in that form (same parameters, same state_dict); the others stay nn.Linear."""
     forms = matvec_forms(model, forms)
     for module in float32_cpu_linears(model):
-        if forms[tuple(module.weight.shape)] is not None:
-            module.__class__, module.form = MatvecLinear, forms[tuple(module.weight.shape)]
+        if (form := forms[tuple(module.weight.shape)]) is not None:
+            module.__class__, module.form = MatvecLinear, form
     return model
 
 

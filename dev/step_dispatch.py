@@ -27,10 +27,9 @@ parser.add_argument('--steps', type=int, default=50)
 args = parser.parse_args()
 
 torch.manual_seed(0)
-steps = {}
+steps, preset = {}, GPTConfig.from_preset('pythia-70m')
 with torch.no_grad():
     for regime in ('full', 'dar', 'local'):
-        preset = GPTConfig.from_preset('pythia-70m')
         window, rank = regime_settings(regime, window=256, rank=2)
         model = GPT(GPTConfig.from_preset('pythia-70m', n_embd=8 * preset.n_head, vocab_size=512, dar_window=window,
                                           dar_rank=rank)).eval()
