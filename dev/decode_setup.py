@@ -41,11 +41,10 @@ def header(args, what):
 
 def cases(args):
     """(regime, batch, model, a batch of one-token inputs, an empty cache with room for the steps) for each of args'
-    regimes and batches, in no_grad; each cache freed before the next is made."""
+    regimes and batches, in no_grad."""
     with torch.no_grad():
         for regime in args.regimes.split(','):
             model = packed_model(regime)
             for batch in map(int, args.batches.split(',')):
-                cache = model.new_cache(batch, args.context + 1 + args.steps)
-                yield regime, batch, model, torch.zeros(batch, 1, dtype=torch.long), cache
-                del cache
+                yield regime, batch, model, torch.zeros(batch, 1, dtype=torch.long), model.new_cache(
+                    batch, args.context + 1 + args.steps)
