@@ -165,7 +165,7 @@ def decode_attention(q, view, up_k, up_v):
     maps meet q and the latent sum, never a token. Products in the cache's dtype; one float32 softmax over both score
     sets, apart, in place (fresh buffers fault pages on a CPU), divided after the sums, in base 2 (cheaper on CPUs)."""
     q = q * (math.log2(math.e) / math.sqrt(q.shape[-1]))
-    scores = [cache_matmul(q, view.k.transpose(-2, -1)).float()]  # (B, H, 1, n_near): q . k_j
+    scores = [cache_matmul(view.k, q.transpose(-2, -1)).transpose(-2, -1).float()]  # (B, H, 1, n_near): k_j . q
     if view.a is not None:  # (B, H, 1, n_far): (q U^T) . a_j, where q U^T is (B, H, 1, r)
         scores.append(cache_matmul(q @ up_k.transpose(-2, -1), view.a.transpose(-2, -1)).float())
     for s, mask in zip(scores, view.mask.split([s.shape[-1] for s in scores]) if view.mask is not None else ()):

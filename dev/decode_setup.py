@@ -1,4 +1,4 @@
-"""What the dev scripts that time a CPU decode step at a long context share: their command line, the model, the cases."""
+"""What the dev scripts that time a CPU decode step at a long context share: command line, model and cases."""
 import argparse
 import os
 import sys
