@@ -162,8 +162,8 @@ def sdpa_attention(q, k, v, window, maps):
 
 def decode_attention(q, view, up_k, up_v):
     """One new token q (B, H, 1, d) against its CacheView: view.k in its window, every latent distant. Absorbed: the up
-    maps meet q and the latent sum, never a token. Products in the cache's dtype; one float32 softmax over both score
-    sets, apart, in place (fresh buffers fault pages on a CPU), divided after the sums, in base 2 (cheaper on CPUs)."""
+    maps meet q and the latent sum, never a token. Products in the cache's dtype, the keys' as k q^T (MKL's faster
+    form); one float32 softmax over both score sets apart, in place (no fresh pages), divided after the sums, base 2."""
     q = q * (math.log2(math.e) / math.sqrt(q.shape[-1]))
     scores = [cache_matmul(view.k, q.transpose(-2, -1)).transpose(-2, -1).float()]  # (B, H, 1, n_near): k_j . q
     if view.a is not None:  # (B, H, 1, n_far): (q U^T) . a_j, where q U^T is (B, H, 1, r)
